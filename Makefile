@@ -1,0 +1,41 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+# Both create .venv on first use and work on a machine without a GPU.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEMO_NIGHT ?= demo_night
+DEMO_OUT   ?= demo_out
+
+.PHONY: demo test test-gpu venv install bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+venv: $(PY)
+
+install: $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+
+# Simulate a small night and show what is in it (later issues process it).
+demo: install
+	$(VENV)/bin/gpu2mass simulate $(DEMO_NIGHT) --preset ci --seed 1 --overwrite
+	$(VENV)/bin/gpu2mass inspect $(DEMO_NIGHT)
+
+# The whole suite: the CPU lane, then the CUDA-simulator lane in its own process
+# (NUMBA_ENABLE_CUDASIM must be set before Numba is imported). Each lane fails
+# if it collects no tests (pytest exit 5), so CI can never pass on nothing.
+test: install
+	$(PY) -m pytest -m "not cudasim"
+	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest -m cudasim
+
+# On a machine with a GPU and the cuda13 extra installed.
+test-gpu: install
+	$(PY) -m pytest -m gpu
+
+bench: install
+	$(PY) profiling/bench_simulate.py
+
+clean:
+	rm -rf $(DEMO_NIGHT) $(DEMO_OUT) build dist *.egg-info
