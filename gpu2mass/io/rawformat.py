@@ -13,10 +13,18 @@ __all__ = [
     "SCAN_TYPES",
     "DIRECTIONS",
     "OBSERVATORIES",
+    "MANIFEST_NAME",
     "MANIFEST_KEYS",
+    "MANIFEST_OPTIONAL_KEYS",
+    "SITE_KEYS",
     "INSTRUMENT_KEYS",
     "SCAN_KEYS",
     "SKY_SCAN_KEYS",
+    "SKY_SCAN_TYPES",
+    "CAL_SCAN_KEYS",
+    "NIGHT_WINDOW_DAYS",
+    "CALIB_KINDS",
+    "STANDARDS_FILE",
     "PRIMARY_KEYS",
     "CUBE_EXTNAMES",
     "FRAMES_EXTNAME",
@@ -38,6 +46,8 @@ SCAN_TYPES = ("sci", "cal", "dark", "flat")
 DIRECTIONS = ("n", "s")
 OBSERVATORIES = ("n", "s")
 
+MANIFEST_NAME = "night.json"
+
 #: Manifest keys → accepted JSON types (section 2). ``reference_catalog`` may be null or absent.
 MANIFEST_KEYS: dict[str, tuple[type, ...]] = {
     "format": (str,),
@@ -48,6 +58,10 @@ MANIFEST_KEYS: dict[str, tuple[type, ...]] = {
     "instrument": (dict,),
     "calib": (str,),
     "scans": (list,),
+}
+#: Optional manifest keys → accepted JSON types (``type(None)`` is JSON null).
+MANIFEST_OPTIONAL_KEYS: dict[str, tuple[type, ...]] = {
+    "reference_catalog": (str, type(None)),
 }
 SITE_KEYS = ("lon_deg", "lat_deg", "height_m")
 
@@ -78,6 +92,15 @@ SKY_SCAN_KEYS: dict[str, tuple[type, ...]] = {
     "direction": (str,),
 }
 
+#: Scan types that look at the sky and so have ``tile`` and ``direction``.
+SKY_SCAN_TYPES = ("sci", "cal", "flat")
+#: Keys that ``cal`` scans have in addition (and other scans do not).
+CAL_SCAN_KEYS: dict[str, tuple[type, ...]] = {
+    "field": (str,),
+}
+#: Every scan starts within this many days after 00:00 UT of the manifest's ``night``.
+NIGHT_WINDOW_DAYS = 1.5
+
 #: Primary-header keywords of a scan band file (section 3).
 PRIMARY_KEYS = ("SCANNO", "BAND", "TYPE", "SCANDIR", "NFRAMES", "OBSERVAT")
 CUBE_EXTNAMES = ("R1", "R2R1")
@@ -89,6 +112,10 @@ STANDARDS_COLUMNS = (
 )
 REFCAT_COLUMNS = ("ra", "dec", "ref_epoch", "pmra", "pmdec", "mag")
 REFCAT_OPTIONAL_COLUMNS = ("ra_error", "dec_error")
+
+#: Calibration images per band, ``calib/<kind>_<band>.fits`` (section 4).
+CALIB_KINDS = ("flat", "satmap", "badpix")
+STANDARDS_FILE = "standards.parquet"
 
 #: Bad-pixel bits of ``calib/badpix_<band>.fits`` (section 4).
 BADPIX_BITS = {"dead": 1, "hot": 2, "noisy": 4, "low_response": 8}
