@@ -147,7 +147,8 @@ class Persistence:
     """Latent images of bright stars on one band's array (NICMOS3 charge trapping).
 
     Pixels whose read-2 signal exceeds ``threshold`` × full well trap ``efficiency`` of the
-    excess; the trapped charge is released exponentially with time constant ``tau_s``,
+    excess, counting the charge a saturated pixel would have collected (up to
+    ``overfill`` × full well: persistence grows with over-saturation); the trapped charge is released exponentially with time constant ``tau_s``,
     adding to later frames at the same *pixel* position. Since the sky moves 41 px per
     frame, a bright star leaves a trail of ghosts along the scan (facts sheet 6).
 
@@ -158,8 +159,9 @@ class Persistence:
 
     shape: tuple[int, int]
     tau_s: float = 6.0
-    efficiency: float = 0.01
+    efficiency: float = 0.005
     threshold: float = 0.3
+    overfill: float = 20.0
     visible_sigma: float = 3.0
     latent: np.ndarray = field(init=False)
     parents: list = field(init=False, default_factory=list)
@@ -189,7 +191,7 @@ class Persistence:
     def trap(self, read2_signal: np.ndarray, well: np.ndarray, bright: list[tuple[int, float, float]]):
         """Trap charge after a frame. ``bright``: (parent_id, x, y) of stars that may exceed
         the threshold; their trapped peak is remembered for the truth rows."""
-        excess = np.minimum(read2_signal, well) - self.threshold * well
+        excess = np.minimum(read2_signal, self.overfill * well) - self.threshold * well
         np.maximum(excess, 0, out=excess)
         if not excess.any():
             return

@@ -294,7 +294,7 @@ def _render_points(scene, p, beta, t21):
 
 def _add_galaxy(image, cols, i, x, y, flux, alpha, beta, opt):
     r_eff_px = cols["r_eff_arcsec"][i] / opt.scale_arcsec
-    h = int(galaxy_half_size(r_eff_px, cols["sersic_n"][i]))
+    h = int(galaxy_half_size(r_eff_px, cols["sersic_n"][i], psf_alpha_px=alpha, psf_beta=beta))
     cx, cy = int(np.rint(x)), int(np.rint(y))
     stamp = render_galaxy(flux, r_eff_px, cols["sersic_n"][i], cols["axis_ratio"][i],
                           cols["pa_deg"][i], x - cx, y - cy, alpha, beta, half_size=h,
