@@ -187,7 +187,9 @@ def galaxy_half_size(
     return int(h) if h.ndim == 0 else h
 
 
-@functools.lru_cache(maxsize=16)
+# The PSF changes every frame and a frame holds ~20 galaxies of different stamp sizes:
+# the caches hold a few frames' worth so that every galaxy of a frame reuses them.
+@functools.lru_cache(maxsize=256)
 def _kernel(alpha: float, beta: float, oversample: int, pk: int) -> np.ndarray:
     """Moffat integrated over fine cells at offsets ``-pk … pk`` (``_KERNEL_SUB``² samples)."""
     d = 1.0 / oversample
@@ -201,7 +203,7 @@ def _kernel(alpha: float, beta: float, oversample: int, pk: int) -> np.ndarray:
     return kern
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
 def _kernel_fft(alpha: float, beta: float, oversample: int, pk: int, length: int):
     """rfft2 (complex64) of :func:`_kernel`, centre at index 0, padded to ``length``²."""
     padded = np.zeros((length, length), dtype=np.float32)
