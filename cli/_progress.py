@@ -14,7 +14,7 @@ def progress_reporter(title: str, *, stream=None):
     """Yield ``report(label, done, total)``; renders a bar on a TTY, else one line per call."""
     stream = stream or sys.stderr
     if stream.isatty():
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: PLC0415
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                       TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),

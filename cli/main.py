@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from gpu2mass.cli._progress import progress_reporter
 
 __all__ = ["app", "main"]
@@ -39,8 +38,8 @@ def simulate(
     outdir: Annotated[Path, typer.Argument(help="Directory to write the night into (created).")],
     preset: Annotated[str, typer.Option(
         help="tiny: 1 dark, 1 cal and 1 sci scan of ~30 frames (unit tests). "
-             "ci: 1 dark, 2 calibration observations (6 scans each), 2 sci scans of 60 frames "
-             "at |b| 45° and 22°. scan: one full 6° scan (273 frames) with its darks and a "
+             "ci: 1 dark, 2 calibration observations (6 scans of 16 frames each), 2 sci scans "
+             "of 60 frames at |b| 45° and 22°. scan: one full 6° scan (273 frames) with its darks and a "
              "calibration observation, bright stars injected. night: darks, a calibration "
              "observation every hour and 6° science scans filling ~8 hours.")] = "tiny",
     seed: Annotated[int, typer.Option(help="Seed of every random draw: same seed, same night.")] = 0,
@@ -52,6 +51,8 @@ def simulate(
     scans: Annotated[int | None, typer.Option(help="Number of science scans (overrides the preset).")] = None,
     frames: Annotated[int | None, typer.Option(
         help="Frames per science scan (273 is a full 6° tile).")] = None,
+    cal_frames: Annotated[int | None, typer.Option(
+        help="Frames per calibration scan (44 is a full 1° scan; the ci preset uses 16).")] = None,
     bands: Annotated[str, typer.Option(help="Bands to simulate, a subset of J,H,K.")] = "J,H,K",
     night: Annotated[str | None, typer.Option(
         help="UT date (YYYY-MM-DD) of the night; default 2000-03-15.")] = None,
@@ -67,12 +68,13 @@ def simulate(
     overwrite: Annotated[bool, typer.Option(help="Replace OUTDIR if it is not empty.")] = False,
 ) -> None:
     """Simulate a raw night (shared/spec/raw-night.md) with its truth in OUTDIR/truth."""
-    from gpu2mass.sim import SimulationRequest, simulate_night  # noqa: PLC0415
+    from gpu2mass.sim import SimulationRequest, simulate_night
 
     band_list = tuple(b.strip().upper() for b in bands.split(",") if b.strip())
     req = SimulationRequest(
         preset=preset, seed=seed, bands=band_list,
-        field=_floats(field, 2, "--field"), glat=glat, scans=scans, frames=frames, night=night,
+        field=_floats(field, 2, "--field"), glat=glat, scans=scans, frames=frames,
+        cal_frames=cal_frames, night=night,
         observatory=observatory, inject_k=_floats(inject_k, None, "--inject-k"),
         pointing_offset_arcsec=pointing_offset, refcat=refcat, cosmic_ray_rate=cosmic_rays)
     try:
@@ -93,8 +95,8 @@ def inspect(
     check_data: Annotated[bool, typer.Option(help="Also check every pixel (NaN, saturation).")] = True,
 ) -> None:
     """Validate a raw night against the spec and print its summary."""
-    from gpu2mass.errors import InputError  # noqa: PLC0415
-    from gpu2mass.io.rawnight import open_night  # noqa: PLC0415
+    from gpu2mass.errors import InputError
+    from gpu2mass.io.rawnight import open_night
 
     try:
         n = open_night(night, check_data=check_data)
@@ -109,7 +111,7 @@ def inspect(
         typer.echo(f"  scan {s.number:3d} {s.type:4s} {s.nframes:4d} frames start MJD {s.start_mjd:.5f}{extra}")
     truth = Path(n.root) / "truth" / "sources.parquet"
     if truth.exists():
-        import pyarrow.parquet as pq  # noqa: PLC0415
+        import pyarrow.parquet as pq
 
         kinds = pq.read_table(truth, columns=["kind"]).column("kind").to_pylist()
         counts = {k: kinds.count(k) for k in sorted(set(kinds))}

@@ -27,10 +27,10 @@ from gpu2mass.errors import DeviceError
 __all__ = [
     "Device",
     "DeviceName",
-    "gpu_status",
-    "resolve_device",
     "get_namespace",
     "get_ndimage",
+    "gpu_status",
+    "resolve_device",
     "to_host",
 ]
 
@@ -70,7 +70,7 @@ def gpu_status() -> tuple[bool, str]:
     no device, allocation failed). Never raises.
     """
     try:
-        import cupy  # noqa: PLC0415 - optional, imported only when probing
+        import cupy
     except Exception as exc:  # ImportError, or a CUDA library load failure
         return False, f"CuPy is not importable ({type(exc).__name__}: {exc})"
     try:
@@ -101,7 +101,7 @@ def resolve_device(device: str = "auto") -> Device:
         For ``gpu`` when no GPU is usable (the message says why), or for an unknown name.
     """
     global _logged_auto
-    import numpy  # noqa: PLC0415
+    import numpy
 
     if device == "cpu":
         return Device("cpu", "cpu", numpy)
@@ -109,7 +109,7 @@ def resolve_device(device: str = "auto") -> Device:
         raise DeviceError(f"unknown device {device!r}: use auto, gpu or cpu")
     usable, detail = gpu_status()
     if usable:
-        import cupy  # noqa: PLC0415
+        import cupy
 
         dev = Device("gpu", detail, cupy)
     elif device == "gpu":
@@ -128,7 +128,7 @@ def get_namespace(*arrays) -> types.ModuleType:
 
     Mixing host and device arrays is an error: steps must not copy between them.
     """
-    import numpy  # noqa: PLC0415
+    import numpy
 
     mods = set()
     for a in arrays:
@@ -139,7 +139,7 @@ def get_namespace(*arrays) -> types.ModuleType:
     if len(mods) > 1:
         raise TypeError("arrays live on different devices (host and GPU mixed)")
     if mods == {"cupy"}:
-        import cupy  # noqa: PLC0415
+        import cupy
 
         return cupy
     return numpy
@@ -148,10 +148,10 @@ def get_namespace(*arrays) -> types.ModuleType:
 def get_ndimage(xp: types.ModuleType) -> types.ModuleType:
     """``cupyx.scipy.ndimage`` for CuPy, ``scipy.ndimage`` for NumPy."""
     if xp.__name__ == "cupy":
-        import cupyx.scipy.ndimage as nd  # noqa: PLC0415
+        import cupyx.scipy.ndimage as nd
 
         return nd
-    import scipy.ndimage as nd  # noqa: PLC0415
+    import scipy.ndimage as nd
 
     return nd
 

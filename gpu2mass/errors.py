@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["Gpu2MassError", "InputError", "DeviceError", "StepError", "ConfigError"]
+__all__ = ["ConfigError", "DeviceError", "Gpu2MassError", "InputError", "StepError"]
 
 
 class Gpu2MassError(Exception):

@@ -108,7 +108,7 @@ def _retarget(py_func: types.FunctionType, target: Target) -> types.FunctionType
 
 def _compile_scalar_for(fn: types.FunctionType, target: Target) -> Any:
     if target == "cpu":
-        import numba  # noqa: PLC0415 - imported only when the CPU target is first used
+        import numba
 
         # error_model="numpy": division by zero gives inf/nan as on the GPU instead of
         # raising, which also removes the branch that keeps LLVM from vectorizing loops.
@@ -116,7 +116,7 @@ def _compile_scalar_for(fn: types.FunctionType, target: Target) -> Any:
         # make polynomials ~1.7x faster and no less accurate; no reassociation, so code
         # whose rounding order matters (Cody-Waite reduction, compensated sums) stays exact.
         return numba.njit(error_model="numpy", fastmath={"contract"})(fn)
-    from numba import cuda  # noqa: PLC0415 - imported only when the CUDA target is used
+    from numba import cuda
 
     return cuda.jit(device=True)(fn)
 
@@ -239,11 +239,11 @@ class Kernel:
             if self._compiled is None:
                 fn = _retarget(self.py_func, self.target)
                 if self.target == "cpu":
-                    import numba  # noqa: PLC0415
+                    import numba
 
                     self._compiled = numba.njit(**self.options)(fn)
                 else:
-                    from numba import cuda  # noqa: PLC0415
+                    from numba import cuda
 
                     self._compiled = cuda.jit(**self.options)(fn)
             return self._compiled

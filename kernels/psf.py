@@ -122,8 +122,8 @@ def _check_profile(xp, flux, alpha, beta) -> None:
 
 
 def _cupy_stream():
-    import cupy  # noqa: PLC0415 - only reached with CuPy arrays
-    from numba import cuda  # noqa: PLC0415
+    import cupy
+    from numba import cuda
 
     ptr = cupy.cuda.get_current_stream().ptr
     # 0 is the legacy default stream, which is also Numba's default: launch there as is.
@@ -131,7 +131,7 @@ def _cupy_stream():
 
 
 def _device_views(arrays):
-    from numba import cuda  # noqa: PLC0415
+    from numba import cuda
 
     # sync=False: the kernels run on CuPy's current stream, after the work that produced
     # these arrays, so waiting for that stream first would only cost time.
@@ -140,14 +140,14 @@ def _device_views(arrays):
 
 def _render_core(target, xp, fx, fy, flux, alpha, beta, h):
     if target == "cpu":
-        from gpu2mass.kernels.cpu.psf import render_moffat_stamps  # noqa: PLC0415
+        from gpu2mass.kernels.cpu.psf import render_moffat_stamps
 
         return render_moffat_stamps(fx, fy, flux, alpha, beta, h)
     if target == "reference":
-        from gpu2mass.kernels.reference.psf import render_psf_stamps  # noqa: PLC0415
+        from gpu2mass.kernels.reference.psf import render_psf_stamps
 
         return render_psf_stamps(fx, fy, flux, alpha, beta, half_size=h)
-    from gpu2mass.kernels.cuda.psf import render_moffat_stamps  # noqa: PLC0415
+    from gpu2mass.kernels.cuda.psf import render_moffat_stamps
 
     size = 2 * h + 1
     if xp.__name__ == "cupy":
@@ -156,7 +156,7 @@ def _render_core(target, xp, fx, fy, flux, alpha, beta, h):
         render_moffat_stamps(*args[:5], h, args[5], stream=_cupy_stream())
         return out
     # NumPy arrays forced onto the CUDA path (tests, the simulator): copy there and back.
-    from numba import cuda  # noqa: PLC0415
+    from numba import cuda
 
     d_in = [cuda.to_device(a) for a in (fx, fy, flux, alpha, beta)]
     d_out = cuda.device_array((fx.shape[0], size, size), dtype=np.float32)
@@ -166,21 +166,21 @@ def _render_core(target, xp, fx, fy, flux, alpha, beta, h):
 
 def _add_core(target, xp, image, stamps, x0, y0) -> None:
     if target == "cpu":
-        from gpu2mass.kernels.cpu.psf import add_stamps  # noqa: PLC0415
+        from gpu2mass.kernels.cpu.psf import add_stamps
 
         add_stamps(image, stamps, x0, y0)
         return
     if target == "reference":
-        from gpu2mass.kernels.reference.psf import add_stamps  # noqa: PLC0415
+        from gpu2mass.kernels.reference.psf import add_stamps
 
         add_stamps(image, stamps, x0, y0)
         return
-    from gpu2mass.kernels.cuda.psf import add_stamps  # noqa: PLC0415
+    from gpu2mass.kernels.cuda.psf import add_stamps
 
     if xp.__name__ == "cupy":
         add_stamps(*_device_views([image, stamps, x0, y0]), stream=_cupy_stream())
         return
-    from numba import cuda  # noqa: PLC0415
+    from numba import cuda
 
     d_image = cuda.to_device(image)
     add_stamps(d_image, cuda.to_device(stamps), cuda.to_device(x0), cuda.to_device(y0))

@@ -40,7 +40,6 @@ def bench_psf_renderer(n: int = 2000, half: int = 10) -> dict:
     oversampling) on the same ``n`` stamps; both checked against each other."""
     from astropy.convolution import discretize_model
     from astropy.modeling.models import Moffat2D
-
     from gpu2mass.kernels import render_psf_stamps
 
     rng = np.random.default_rng(3)

@@ -6,9 +6,8 @@ import json
 import re
 
 import pytest
-from typer.testing import CliRunner
-
 from gpu2mass.cli.main import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -29,7 +28,7 @@ def test_simulate_help_documents_every_option():
     assert res.exit_code == 0
     text = _plain(res.output)
     for opt in ("--preset", "--seed", "--field", "--glat", "--scans", "--frames", "--bands",
-                "--night", "--observatory", "--inject-k", "--pointing-offset", "--refcat",
+                "--cal-frames", "--night", "--observatory", "--inject-k", "--pointing-offset", "--refcat",
                 "--cosmic-rays", "--overwrite"):
         assert opt in text, opt
     for preset in ("tiny", "ci", "scan", "night"):

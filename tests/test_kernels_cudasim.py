@@ -20,9 +20,9 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         "needs NUMBA_ENABLE_CUDASIM=1 set before Numba is imported", allow_module_level=True
     )
 
-from gpu2mass.kernels import add_stamps, render_point_sources, render_psf_stamps  # noqa: E402
-from gpu2mass.kernels.scalar.elementary import pow_positive  # noqa: E402
-from gpu2mass.kernels.scalar.moffat import moffat_pixel_integral  # noqa: E402
+from gpu2mass.kernels import add_stamps, render_point_sources, render_psf_stamps
+from gpu2mass.kernels.scalar.elementary import pow_positive
+from gpu2mass.kernels.scalar.moffat import moffat_pixel_integral
 
 # The simulator runs the kernels' Python with NumPy float64 (no FMA contraction), so
 # against the reference only summation order and pow differ: float32 rounding.

@@ -23,9 +23,8 @@ _USABLE, _DETAIL = gpu_status()
 if not _USABLE:
     pytest.skip(f"no usable GPU: {_DETAIL}", allow_module_level=True)
 
-import cupy as cp  # noqa: E402 - only importable where a GPU is usable
-
-from gpu2mass.kernels import add_stamps, render_point_sources, render_psf_stamps  # noqa: E402
+import cupy as cp
+from gpu2mass.kernels import add_stamps, render_point_sources, render_psf_stamps
 
 # GPU and CPU compute the same float64 math (FMA contraction and libdevice aside) and round
 # once to float32: stamps agree to float32 rounding.

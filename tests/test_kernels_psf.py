@@ -16,8 +16,6 @@ import textwrap
 
 import numpy as np
 import pytest
-from scipy.special import hyp2f1
-
 from gpu2mass.kernels import add_stamps, render_point_sources, render_psf_stamps
 from gpu2mass.kernels._targets import Kernel, ScalarFunction, cpu_kernel, cuda_kernel, scalar
 from gpu2mass.kernels.reference import psf as ref
@@ -35,6 +33,7 @@ from gpu2mass.kernels.scalar.moffat import (
     moffat_pixel_integral,
     moffat_quadrature_order,
 )
+from scipy.special import hyp2f1
 
 # The CPU and reference renderers both compute in float64 and round once to float32; they
 # differ only in summation order and in pow (NumPy's vs pow_positive, both ~1e-15), so they

@@ -11,7 +11,13 @@ from gpu2mass.sim import psf, sensitivity
 from gpu2mass.sim.camera import default_camera, make_calibration_library
 from gpu2mass.sim.geometry import tan_deproject, tan_project
 from gpu2mass.sim.observing import (
-    SITES, Atmosphere, airmass, galactic_to_radec, night_window, radec_to_galactic, sun_radec,
+    SITES,
+    Atmosphere,
+    airmass,
+    galactic_to_radec,
+    night_window,
+    radec_to_galactic,
+    sun_radec,
 )
 from gpu2mass.sim.plan import PRESETS, field_for_glat, schedule
 
@@ -103,7 +109,7 @@ def test_sun_and_galactic_against_astropy():
     s = get_sun(t)  # geocentric (GCRS); .icrs would move the observer to the barycentre
     assert abs(ra - s.ra.deg) < 0.05 and abs(dec - s.dec.deg) < 0.05
     c = SkyCoord([10.0, 250.0], [20.0, -40.0], unit="deg")
-    l, b = radec_to_galactic(c.ra.deg, c.dec.deg)  # noqa: E741
+    l, b = radec_to_galactic(c.ra.deg, c.dec.deg)
     assert np.allclose(l, c.galactic.l.deg, atol=1e-4) and np.allclose(b, c.galactic.b.deg, atol=1e-4)
     ra2, dec2 = galactic_to_radec(l, b)
     assert np.allclose(ra2, c.ra.deg, atol=1e-8) and np.allclose(dec2, c.dec.deg, atol=1e-8)
@@ -175,3 +181,12 @@ def test_night_preset_fills_the_night(rng):
     # A calibration observation (six scans) about every hour.
     assert len(cal) % 6 == 0 and 7 <= len(cal) // 6 <= 9
     assert [s.type for s in plans][0] == "dark" and [s.type for s in plans][-1] == "dark"
+
+
+def test_airmass_is_at_least_one_at_the_zenith():
+    site = SITES["n"]
+    mjd = 51619.3
+    from gpu2mass.sim.observing import gmst_deg
+
+    lst = float(np.mod(gmst_deg(mjd) + site.lon_deg, 360))
+    assert airmass(lst, site.lat_deg, mjd, site) == 1.0

@@ -55,21 +55,21 @@ from gpu2mass.errors import ConfigError, InputError
 from gpu2mass.io import rawformat as rf
 
 __all__ = [
-    "open_night",
-    "Night",
-    "Site",
-    "Instrument",
-    "ScanInfo",
+    "AIRMASS_MIN",
+    "CMD_TOLERANCE_DEG",
+    "FLAT_MEDIAN_TOLERANCE",
+    "MJD_TOLERANCE_S",
+    "SAT_TOLERANCE_DN",
+    "SITE_HEIGHT_RANGE_M",
     "CalibLibrary",
+    "Instrument",
+    "Night",
+    "RawCube",
     "Scan",
     "ScanBand",
-    "RawCube",
-    "MJD_TOLERANCE_S",
-    "CMD_TOLERANCE_DEG",
-    "SAT_TOLERANCE_DN",
-    "FLAT_MEDIAN_TOLERANCE",
-    "AIRMASS_MIN",
-    "SITE_HEIGHT_RANGE_M",
+    "ScanInfo",
+    "Site",
+    "open_night",
 ]
 
 #: Largest accepted difference, in seconds, between a scan's manifest ``start_mjd`` and the

@@ -21,11 +21,11 @@ from gpu2mass.io.rawformat import FRAMES_COLUMNS, FRAMES_EXTNAME, calib_file
 
 __all__ = [
     "encode_cube",
-    "write_scan_band",
     "write_calib_image",
+    "write_json",
     "write_manifest",
     "write_parquet",
-    "write_json",
+    "write_scan_band",
 ]
 
 

@@ -28,11 +28,11 @@ import numpy as np
 
 __all__ = [
     "SPIKE_LIMIT",
+    "Persistence",
     "add_cosmic_rays",
-    "add_trail",
     "add_spikes",
     "add_stripe",
-    "Persistence",
+    "add_trail",
     "segment_in_frame",
 ]
 

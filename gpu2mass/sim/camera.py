@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = [
-    "BandOptics",
     "BandDetector",
-    "Camera",
+    "BandOptics",
     "CalibrationLibrary",
+    "Camera",
     "default_camera",
     "make_calibration_library",
 ]
@@ -172,7 +172,7 @@ def default_camera(bands: tuple[str, ...] = ("J", "H", "K")) -> Camera:
         "H": BandOptics(2.0060, 0.441 - 0.11, (2.6, -1.8), 2.4e-3, (-0.10, 0.12)),
         "K": BandOptics(1.9839, 0.335 - 0.11, (-1.9, 2.9), 2.9e-3, (0.08, 0.14)),
     }
-    from gpu2mass.sim import sensitivity  # noqa: PLC0415 - avoids an import cycle
+    from gpu2mass.sim import sensitivity
 
     detectors = {b: sensitivity.NOMINAL_DETECTORS[b] for b in bands}
     return Camera(optics={b: optics[b] for b in bands}, detectors=detectors)
@@ -223,7 +223,7 @@ def make_calibration_library(camera: Camera, rng: np.random.Generator) -> Calibr
     - Dark R2−R1: median ``dark_r2r1_dn`` with a quadrant pattern and hot pixels at
       50–2000 DN; dark R1: 4 % of that (the first 51 ms).
     """
-    from gpu2mass.sim.sensitivity import full_well_dn  # noqa: PLC0415
+    from gpu2mass.sim.sensitivity import full_well_dn
 
     ny, nx = camera.ny, camera.nx
     yy, xx = np.mgrid[0:ny, 0:nx]

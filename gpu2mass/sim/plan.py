@@ -18,7 +18,7 @@ import numpy as np
 
 from gpu2mass.sim.observing import Site, airmass, galactic_to_radec, gmst_deg, radec_to_galactic
 
-__all__ = ["ScanPlan", "Preset", "PRESETS", "CAL_FIELDS", "schedule", "field_for_glat"]
+__all__ = ["CAL_FIELDS", "PRESETS", "Preset", "ScanPlan", "field_for_glat", "schedule"]
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,9 @@ class Preset:
 
 PRESETS = {
     "tiny": Preset("tiny", 1, 8, 1, 1, 30, 1, 30, (40.0,), meteors=0.0),
-    # The ci preset's calibration scans are 16 frames (0.37°) instead of 44 so that the
-    # suite stays fast; everything else is a real 2MASS observation.
+    # The ci preset's calibration scans are 16 frames (0.37°) instead of 44 (1°) so that
+    # the suites of later steps can simulate it in ~25 s instead of ~55 s; everything else
+    # is a real 2MASS observation (``--cal-frames 44`` gives the full one).
     "ci": Preset("ci", 1, 16, 2, 6, 16, 2, 60, (45.0, 22.0), inject_k=(7.0,)),
     "scan": Preset("scan", 1, 24, 1, 6, 44, 1, 273, (35.0,), inject_k=(3.0, 5.5, 7.5)),
     "night": Preset("night", 1, 24, 0, 6, 44, 0, 273, None, inject_k=(3.0, 5.5, 7.5),
@@ -123,7 +124,7 @@ def _lst(mjd: float, site: Site) -> float:
 
 def field_for_glat(glat: float, mjd: float, site: Site) -> tuple[float, float]:
     """The point of Galactic latitude ``glat`` with the lowest airmass at ``mjd``."""
-    l = np.arange(0.0, 360.0, 0.25)  # noqa: E741
+    l = np.arange(0.0, 360.0, 0.25)
     ra, dec = galactic_to_radec(l, np.full_like(l, glat))
     x = airmass(ra, dec, mjd, site)
     i = int(np.argmin(x))
@@ -146,10 +147,12 @@ def _scan_duration_days(nframes: int, period_s: float) -> float:
 def schedule(preset: Preset, *, night_start_mjd: float, night_end_mjd: float, site: Site,
              frame_period_s: float, frame_step_arcsec: float, field: tuple[float, float] | None,
              glat: float | None, sci_scans: int | None, sci_frames: int | None,
-             rng: np.random.Generator) -> list[ScanPlan]:
+             rng: np.random.Generator, cal_frames: int | None = None) -> list[ScanPlan]:
     """Plan the scans of a night (see the module docstring). Returns them in time order."""
     n_sci = preset.sci_scans if sci_scans is None else sci_scans
     nfr = preset.sci_frames if sci_frames is None else sci_frames
+    if cal_frames is not None:
+        preset = replace(preset, cal_frames=cal_frames)
     t = night_start_mjd + 5 / 1440
     plans: list[ScanPlan] = []
 

@@ -15,12 +15,12 @@ import functools
 import numpy as np
 
 __all__ = [
-    "moffat_alpha",
     "epsf_profile",
-    "sampled_fwhm",
-    "sampled_fwhm_table",
+    "moffat_alpha",
     "optical_fwhm",
     "pixel_fractions",
+    "sampled_fwhm",
+    "sampled_fwhm_table",
 ]
 
 _OVERSAMPLE = 16

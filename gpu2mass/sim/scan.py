@@ -31,11 +31,11 @@ from gpu2mass.sim import artifacts as art
 from gpu2mass.sim.camera import CalibrationLibrary, Camera
 from gpu2mass.sim.galaxy import galaxy_half_size, render_galaxy
 from gpu2mass.sim.geometry import offset_radec, tan_project
-from gpu2mass.sim.observing import Atmosphere, SmoothProcess, Site, airmass, gmst_deg
+from gpu2mass.sim.observing import Atmosphere, Site, SmoothProcess, airmass, gmst_deg
 from gpu2mass.sim.plan import ScanPlan
 from gpu2mass.sim.psf import moffat_alpha, optical_fwhm
 
-__all__ = ["Meteor", "Pointing", "SkyCatalog", "ScanSimulation", "simulate_scan"]
+__all__ = ["Meteor", "Pointing", "ScanSimulation", "SkyCatalog", "simulate_scan"]
 
 _CHUNK = 24  # frames rendered together (bounds the stamp memory to tens of MB)
 
@@ -310,7 +310,7 @@ def _add_galaxy(image, cols, i, x, y, flux, alpha, beta, opt, h):
 
 def _bright_star_artifacts(scene, p, band, opt, sky_sigma, camera, bright_by_frame, rows, scan):
     """Spikes and stripes for bright point sources; remember persistence candidates."""
-    from gpu2mass.sim.sensitivity import full_well_dn  # noqa: PLC0415
+    from gpu2mass.sim.sensitivity import full_well_dn
 
     n, ny, nx = scene.shape
     lim = art.SPIKE_LIMIT[band]

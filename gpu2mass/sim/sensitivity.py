@@ -29,13 +29,13 @@ from gpu2mass.sim.psf import pixel_fractions
 
 __all__ = [
     "LIMIT_10SIGMA",
-    "SATURATION_R2R1",
     "MEDIAN_SEEING_ARCSEC",
     "NOMINAL_DETECTORS",
+    "SATURATION_R2R1",
+    "budget_table",
+    "full_well_dn",
     "point_source_snr",
     "solve_zero_point",
-    "full_well_dn",
-    "budget_table",
 ]
 
 #: 2MASS Level-1 10σ limits of the six-frame coadd (facts sheet 15.1).

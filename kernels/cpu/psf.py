@@ -23,8 +23,6 @@ threads or bands, so the result is deterministic, bit for bit.
 from __future__ import annotations
 
 import numpy as np
-from numba import get_num_threads, prange
-
 from gpu2mass.kernels._targets import cpu_kernel, scalar
 from gpu2mass.kernels.scalar.moffat import (
     GL_ORDER_FAR,
@@ -37,6 +35,7 @@ from gpu2mass.kernels.scalar.moffat import (
     moffat_profile,
     moffat_quadrature_order,
 )
+from numba import get_num_threads, prange
 
 __all__ = ["add_stamps", "render_moffat_stamps"]
 

@@ -20,7 +20,7 @@ def float64_as_int64(py_func):
     """Factory for the CUDA target: ``__nv_double_as_longlong`` (the simulator: Python)."""
     if config.ENABLE_CUDASIM:
         return _simulated(py_func)
-    from numba.cuda import libdevice  # noqa: PLC0415 - absent from the simulator
+    from numba.cuda import libdevice
 
     return libdevice.double_as_longlong
 
@@ -29,6 +29,6 @@ def int64_as_float64(py_func):
     """Factory for the CUDA target: ``__nv_longlong_as_double`` (the simulator: Python)."""
     if config.ENABLE_CUDASIM:
         return _simulated(py_func)
-    from numba.cuda import libdevice  # noqa: PLC0415
+    from numba.cuda import libdevice
 
     return libdevice.longlong_as_double

@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 
-from numba import cuda
-
 from gpu2mass.kernels._targets import cuda_kernel
 from gpu2mass.kernels.scalar.moffat import (
     PIXEL_RULE_DX,
@@ -29,6 +27,7 @@ from gpu2mass.kernels.scalar.moffat import (
     PIXEL_RULE_W,
     moffat_pixel_integral,
 )
+from numba import cuda
 
 __all__ = ["THREADS_PER_BLOCK", "add_stamps", "render_moffat_stamps"]
 

@@ -12,7 +12,6 @@ Host only (NumPy arrays in, NumPy arrays out).
 from __future__ import annotations
 
 import numpy as np
-
 from gpu2mass.kernels.scalar.moffat import (
     GL_ORDER_FAR,
     GL_ORDER_MID,

@@ -43,7 +43,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 from gpu2mass.kernels._targets import scalar
 from gpu2mass.kernels.scalar.elementary import pow_positive
 
