@@ -19,6 +19,7 @@ machine: about 4 s for the CPU stamp renderer, 1 s for the CPU scatter-add) and 
 the life of the process; nothing is cached on disk.
 """
 
+from gpu2mass.kernels.calibrate import calibrate_frames
 from gpu2mass.kernels.psf import TARGETS, add_stamps, render_point_sources, render_psf_stamps
 
-__all__ = ["TARGETS", "add_stamps", "render_point_sources", "render_psf_stamps"]
+__all__ = ["TARGETS", "add_stamps", "calibrate_frames", "render_point_sources", "render_psf_stamps"]

@@ -9,8 +9,9 @@ random processes over the night, one draw per night and seed:
   correlation time, median 2.8"); other bands scale the optical FWHM as λ^−0.2;
 - sky: each band wanders between its low and high frame-sky levels (OH airglow in J and
   H on 20–40 min scales; Ks follows temperature, slower);
-- airglow structure: plane waves across the array, amplitude 1.5 % (H), 0.8 % (J),
-  0.3 % (Ks) of the sky, wavelength 6–15', drifting at ~1'/s;
+- airglow structure: plane waves across the array, amplitude 0.6 % (H), 0.3 % (J),
+  0.15 % (Ks) of the sky (H: ~17 DN on a ~20 DN pixel noise, visible in coadds as 2MASS's
+  H-band ripples were), wavelength 6–15', drifting at ~1'/s;
 - transparency: zero point = zp(airmass 1) − c2 (X − 1) + a slow drift of ≤ 0.03 mag.
 """
 
@@ -166,7 +167,7 @@ class Atmosphere:
     """
 
     LAMBDA_UM = {"J": 1.25, "H": 1.65, "K": 2.16}
-    AIRGLOW_AMP = {"J": 0.008, "H": 0.015, "K": 0.003}
+    AIRGLOW_AMP = {"J": 0.003, "H": 0.006, "K": 0.0015}
 
     def __init__(self, detectors: dict, rng: np.random.Generator, *, t0_mjd: float,
                  seeing_range=(2.45, 2.8, 3.5), pixel_scale: float = 2.0, psf_beta: float = 2.5):
