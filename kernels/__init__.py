@@ -20,6 +20,10 @@ the life of the process; nothing is cached on disk.
 """
 
 from gpu2mass.kernels.calibrate import calibrate_frames
+from gpu2mass.kernels.detect import find_peaks, measure_sources
 from gpu2mass.kernels.psf import TARGETS, add_stamps, render_point_sources, render_psf_stamps
+from gpu2mass.kernels.resample import resample_frames
 
 __all__ = ["TARGETS", "add_stamps", "calibrate_frames", "render_point_sources", "render_psf_stamps"]
+__all__ += ["find_peaks", "measure_sources"]
+__all__ += ["resample_frames"]

@@ -22,10 +22,10 @@ from __future__ import annotations
 import types
 
 import numpy as np
-
-from gpu2mass.backend import get_namespace
 from gpu2mass.kernels.scalar.detect import MEASURE_COLUMNS, N_PARAMS
 from gpu2mass.kernels.scalar.moffat import PIXEL_RULE_DX, PIXEL_RULE_DY, PIXEL_RULE_W
+
+from gpu2mass.backend import get_namespace
 
 __all__ = ["MEASURE_COLUMNS", "TARGETS", "find_peaks", "measure_sources"]
 
@@ -109,9 +109,8 @@ def find_peaks(image, mask, threshold, *, target: str | None = None):
         from gpu2mass.kernels.reference.detect import find_peaks as core
 
         return core(image, mask, threshold)
-    from numba import cuda
-
     from gpu2mass.kernels.cuda.detect import find_peaks as core
+    from numba import cuda
 
     if xp.__name__ == "cupy":
         out = xp.empty(image.shape, dtype=xp.uint8)
@@ -185,9 +184,8 @@ def measure_sources(data, mask, peaks, frame, y, x, *, noise, alpha, beta, param
         from gpu2mass.kernels.cpu.detect import measure_sources as core
 
         return core(data, mask, peaks, *idx, noise, alpha, beta, params, *rules)
-    from numba import cuda
-
     from gpu2mass.kernels.cuda.detect import measure_sources as core
+    from numba import cuda
 
     n_src = idx[0].shape[0]
     shape = (n_src, len(MEASURE_COLUMNS))
