@@ -76,6 +76,11 @@ class RegisterConfig:
     min_reference_matches
         Fewer matched reference stars than this in the whole band is an error: the scan
         cannot be tied to the sky.
+    reject_flags
+        Detections with any of these :mod:`gpu2mass.framedet` flag bits are not used:
+        aperture off the frame edge (2), saturated (4), PSF fit failed (16). A masked pixel
+        nearby (1) or a neighbour within 5" (8) leaves a fitted position usable; the few
+        that are spoiled are clipped as outliers.
     """
 
     nominal_scale_arcsec: float = 2.0
@@ -88,6 +93,7 @@ class RegisterConfig:
     clip_sigma: float = 4.0
     iterations: int = 7
     min_reference_matches: int = 5
+    reject_flags: int = 2 | 4 | 16
 
 
 @dataclass(frozen=True)
@@ -168,7 +174,7 @@ def run_register(detections, *, commanded_ra, commanded_dec, reference: Referenc
     detections
         Single-frame detections (table or mapping of arrays): ``frame`` (int), ``x``, ``y``
         (0-based pixels), ``snr``, and optionally ``x_err``, ``y_err`` (px; default 0.05)
-        and ``flags`` (non-zero rows are not used).
+        and ``flags`` (rows with any of ``config.reject_flags`` are not used).
     commanded_ra, commanded_dec
         (n,) commanded array-centre positions (deg), FRAMES ``RA_CMD``/``DEC_CMD``.
     reference
@@ -190,7 +196,7 @@ def run_register(detections, *, commanded_ra, commanded_dec, reference: Referenc
     names = set(detections.colnames if hasattr(detections, "colnames") else detections)
     keep = col("snr") >= cfg.min_snr
     if "flags" in names:
-        keep &= col("flags") == 0
+        keep &= (col("flags").astype(np.int64) & cfg.reject_flags) == 0
     frame = col("frame").astype(np.int64)[keep]
     x, y = col("x")[keep].astype(float), col("y")[keep].astype(float)
     if "x_err" in names:
