@@ -129,7 +129,8 @@ def resample_frames(frames, mask, coef, norm, boxes, *, shape, min_weight=0.5, t
     if xp.__name__ == "cupy":
         out = xp.empty((n, h, w), xp.float32)
         var = xp.empty((n, h, w), xp.float32)
-        views = [cuda.as_cuda_array(a, sync=False) for a in (frames, mask, coef, norm, boxes, out, var)]
+        arrays = (frames, mask, coef, norm, boxes, out, var)
+        views = [cuda.as_cuda_array(a, sync=False) for a in arrays]
         core(*views[:5], min_weight, views[5], views[6], stream=_cupy_stream())
         return out, var
     d_in = [cuda.to_device(a) for a in (frames, mask, coef, norm, boxes)]

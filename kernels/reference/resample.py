@@ -8,7 +8,6 @@ derivatives of each term, the bilinear weights with explicit masks.
 from __future__ import annotations
 
 import numpy as np
-
 from gpu2mass.kernels.scalar.resample import POLY_TERMS
 
 __all__ = ["resample_frames"]

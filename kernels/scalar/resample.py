@@ -21,7 +21,9 @@ import math
 
 from gpu2mass.kernels._targets import scalar
 
-__all__ = ["POLY_TERMS", "poly3", "poly3_ds", "poly3_dt", "resample_pixel"]
+__all__ = [
+    "POLY_TERMS", "interpolate_bilinear", "poly3", "poly3_ds", "poly3_dt", "resample_pixel"
+]
 
 #: Exponents (i, j) of s^i t^j of the cubic, in coefficient order.
 POLY_TERMS = ((0, 0), (1, 0), (0, 1), (2, 0), (1, 1), (0, 2), (3, 0), (2, 1), (1, 2), (0, 3))
@@ -78,13 +80,19 @@ def resample_pixel(gx, gy, k, frames, mask, coef, norm, min_weight):
     t = (gy - norm[k, 1]) * q
     x = poly3(coef, k, 0, s, t)
     y = poly3(coef, k, 1, s, t)
+    jac = abs(poly3_ds(coef, k, 0, s, t) * poly3_dt(coef, k, 1, s, t)
+              - poly3_dt(coef, k, 0, s, t) * poly3_ds(coef, k, 1, s, t)) * q * q
+    return interpolate_bilinear(x, y, jac, k, frames, mask, min_weight)
+
+
+@scalar
+def interpolate_bilinear(x, y, jac, k, frames, mask, min_weight):
+    """The kernel at frame position (x, y) with Jacobian ``jac``: see :func:`resample_pixel`."""
     ny = frames.shape[1]
     nx = frames.shape[2]
     # Written so that NaN coordinates also fail the test.
     if not (x > -1.0 and x < nx and y > -1.0 and y < ny):
         return math.nan, math.nan
-    jac = abs(poly3_ds(coef, k, 0, s, t) * poly3_dt(coef, k, 1, s, t)
-              - poly3_dt(coef, k, 0, s, t) * poly3_ds(coef, k, 1, s, t)) * q * q
     x0 = math.floor(x)
     y0 = math.floor(y)
     fx = x - x0

