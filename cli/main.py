@@ -118,6 +118,40 @@ def inspect(
         typer.echo("  truth sources: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
 
 
+@app.command()
+def night(
+    night_dir: Annotated[Path, typer.Argument(help="The raw night directory (or its night.json).")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for the products.")],
+    device: Annotated[str, typer.Option(help="auto (GPU if usable), gpu or cpu.")] = "auto",
+    config: Annotated[Path | None, typer.Option(help="TOML file of step settings.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override one setting: step.name=value (repeatable), e.g. "
+                      "register.match_radius_arcsec=1.5.")] = None,
+    resume: Annotated[bool, typer.Option(help="Skip scans whose products are complete.")] = False,
+) -> None:
+    """Process a raw night: calibrated frames, frame positions, transient masks and Atlas
+    Images for every science and calibration scan (products under --out)."""
+    from gpu2mass.config import load_config
+    from gpu2mass.errors import ConfigError, DeviceError, InputError
+    from gpu2mass.night import run_night
+
+    try:
+        cfg = load_config(config, set_ or [])
+        with progress_reporter("night") as report:
+            result = run_night(night_dir, out, device=device, config=cfg, resume=resume, progress=report)
+    except (InputError, ConfigError, DeviceError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for o in result.scans:
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in o.seconds.items())
+        why = f": {o.reason}" if o.reason else ""
+        typer.echo(f"scan {o.scan:3d} {o.type:4s} {o.status}{why}" + (f" [{stages}]" if stages else ""))
+    typer.echo(f"{len(result.scans) - len(result.failed)}/{len(result.scans)} scans ok on {result.device} "
+               f"in {result.seconds:.1f} s; products in {result.out_dir}")
+    if result.failed:
+        raise typer.Exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; ``argv`` lets tests run the CLI in process."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

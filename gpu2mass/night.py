@@ -1,0 +1,242 @@
+"""``gpu2mass night``: process a raw night (orchestration only: no science here).
+
+For every sky scan (science and calibration), band by band: frame calibration, single-
+frame detection, frame position reconstruction, transient masks; then the scan's Atlas
+Image grids and, per band and grid, the Atlas Images. Darks are built once per night from
+its dark scans. A scan that fails is recorded with its reason and the others go on; its
+products are staged under ``.staging/`` and moved into place only when the whole scan
+succeeded (``scans/<scan>/frames.parquet`` last, as the completion marker), so an
+interrupted or failed scan never leaves partial products. ``resume`` skips scans whose
+marker exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from astropy.time import Time
+
+from gpu2mass import backend
+from gpu2mass.config import RunConfig
+from gpu2mass.errors import Gpu2MassError, InputError
+from gpu2mass.io import products
+from gpu2mass.io.rawnight import Night, open_night
+
+__all__ = ["NightResult", "ScanOutcome", "run_night"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScanOutcome:
+    """What happened to one scan: ``status`` ok/failed/skipped, the reason when failed,
+    seconds per stage, and the products written."""
+
+    scan: int
+    type: str
+    status: str = "ok"
+    reason: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    products: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NightResult:
+    out_dir: Path
+    scans: list[ScanOutcome]
+    device: str
+    seconds: float
+
+    @property
+    def failed(self) -> list[ScanOutcome]:
+        return [s for s in self.scans if s.status == "failed"]
+
+
+class _Timer:
+    def __init__(self, seconds: dict, xp):
+        self.seconds, self.xp = seconds, xp
+
+    def __call__(self, stage: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if timer.xp.__name__ == "cupy":  # time device work, not its launch
+                    timer.xp.cuda.get_current_stream().synchronize()
+                timer.seconds[stage] = timer.seconds.get(stage, 0.0) + time.perf_counter() - self.t0
+
+        return _Ctx()
+
+
+def _scan_epoch_jyear(night: Night, scan) -> float:
+    return float(Time(scan.start_mjd, format="mjd").jyear)
+
+
+def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device, staging: Path,
+                  outcome: ScanOutcome) -> dict:
+    """All steps of one scan; returns the columns of its frames table."""
+    from gpu2mass.atlas import plan_atlas_grids, run_atlas, write_atlas
+    from gpu2mass.framedet import run_frame_detection
+    from gpu2mass.frames import pixel_noise, run_calibrate_frames
+    from gpu2mass.refcat import load_reference_stars
+    from gpu2mass.register import run_register
+    from gpu2mass.sim.psf import sampled_fwhm_table
+    from gpu2mass.transients import run_transients
+
+    xp = dev.xp
+    timer = _Timer(outcome.seconds, xp)
+    inst = night.instrument
+    scan = night.load_scan(info.number)
+    per_band = {}
+    table = {k: [] for k in ("band", "frame", "mjd", "ra", "dec", "ra_cmd", "dec_cmd", "offset_xi_arcsec",
+                             "offset_eta_arcsec", "sky_dn", "noise_dn", "airmass")}
+    for band in inst.bands:
+        sb = scan[band]
+        with timer("read"):
+            r1 = np.asarray(sb.r1[0 : info.nframes], dtype=np.float32)
+            r2r1 = np.asarray(sb.r2r1[0 : info.nframes], dtype=np.float32)
+        with timer("upload"):
+            r1, r2r1 = xp.asarray(r1), xp.asarray(r2r1)
+            dark = darks[band]
+            dark = replace(dark, r1=xp.asarray(dark.r1), r2r1=xp.asarray(dark.r2r1))
+            # Hot and noisy pixels found in the night's darks join the library's bad pixels.
+            badpix = night.calib_image("badpix", band) | backend.to_host(darks[band].defects).astype(np.uint8)
+            calib = {"flat": xp.asarray(night.calib_image("flat", band)),
+                     "satmap": xp.asarray(night.calib_image("satmap", band)), "badpix": xp.asarray(badpix)}
+        with timer("frames"):
+            cal = run_calibrate_frames(r1, r2r1, dark=dark, flat=calib["flat"], satmap=calib["satmap"],
+                                       badpix=calib["badpix"], config=cfg.frames)
+        with timer("framedet"):
+            det = run_frame_detection(cal.r2r1, mask=cal.mask_r2r1, noise=cal.noise_r2r1, config=cfg.framedet)
+        frames = sb.frames
+        with timer("register"):
+            pad = 0.25
+            dec_lo, dec_hi = float(frames["DEC_CMD"].min()) - pad, float(frames["DEC_CMD"].max()) + pad
+            ra0 = float(np.median(frames["RA_CMD"]))
+            dra = pad / max(np.cos(np.deg2rad(max(abs(dec_lo), abs(dec_hi)))), 0.05)
+            ref = load_reference_stars(night.reference_catalog, epoch_jyear=_scan_epoch_jyear(night, info),
+                                       ra_range=((ra0 - dra) % 360, (ra0 + dra) % 360),
+                                       dec_range=(dec_lo, dec_hi))
+            reg = run_register(det, commanded_ra=frames["RA_CMD"], commanded_dec=frames["DEC_CMD"],
+                               reference=ref, nx=inst.nx, ny=inst.ny, config=cfg.register)
+        with timer("transients"):
+            tr = run_transients(det, geometry=reg.geometry, band=band, nframes=info.nframes,
+                                config=cfg.transients)
+        per_band[band] = (cal, reg, tr, det)
+        n = info.nframes
+        table["band"] += [band] * n
+        table["frame"].append(np.arange(n))
+        table["mjd"].append(frames["MJD"])
+        table["ra"].append(reg.geometry.ra)
+        table["dec"].append(reg.geometry.dec)
+        table["ra_cmd"].append(frames["RA_CMD"])
+        table["dec_cmd"].append(frames["DEC_CMD"])
+        table["offset_xi_arcsec"].append(reg.offsets_arcsec[:, 0])
+        table["offset_eta_arcsec"].append(reg.offsets_arcsec[:, 1])
+        table["sky_dn"].append(backend.to_host(cal.sky_r2r1))
+        table["noise_dn"].append(backend.to_host(cal.noise_r2r1))
+        table["airmass"].append(frames["AIRMASS"])
+    with timer("atlas"):
+        grids = plan_atlas_grids({b: per_band[b][1].geometry for b in per_band}, config=cfg.atlas)
+        for band, (cal, reg, tr, det) in per_band.items():
+            mask = (cal.mask_r2r1 != 0) | xp.asarray(tr.mask)
+            noise = pixel_noise(cal.r2r1, mask)
+            seeing = float(np.median(sampled_fwhm_table(np.asarray(det.meta["seeing_fwhm"]),
+                                                        scale=reg.geometry.band.scale_arcsec)))
+            for k, grid in enumerate(grids):
+                img = run_atlas(cal.r2r1, mask=mask, geometry=reg.geometry, noise=noise, grid=grid,
+                                config=cfg.atlas, band=band, scan=info.number, scan_type=info.type,
+                                scan_dir=info.direction or "", sky=cal.sky_r2r1,
+                                zp_mag=np.full(info.nframes, cfg.transients.zero_point[band]),
+                                seeing_arcsec=seeing)
+                path = products.atlas_path(staging, band, info.number, k + 1)
+                write_atlas(path, img)
+                outcome.products.append(str(path.relative_to(staging)))
+    return {k: (np.concatenate(v) if k != "band" else v) for k, v in table.items()}
+
+
+def run_night(night_dir: str | Path, out_dir: str | Path, *, device: str = "auto",
+              config: RunConfig | None = None, resume: bool = False,
+              progress: Callable[[str, int, int], None] | None = None) -> NightResult:
+    """Process every sky scan of a night into ``out_dir``; see the module docstring.
+
+    Raises :class:`~gpu2mass.errors.InputError` for an invalid night (before any
+    processing) and :class:`~gpu2mass.errors.DeviceError` for an unusable ``--device gpu``.
+    Scan failures do not raise: they are in the result and in ``run.json``.
+    """
+    from gpu2mass.darks import run_darks
+
+    t_start = time.perf_counter()
+    cfg = config or RunConfig.defaults()
+    dev = backend.resolve_device(device)
+    night = open_night(night_dir, check_data=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging_root = out_dir / ".staging"
+    sky_scans = [s for s in night.scans if s.type in ("sci", "cal")]
+    dark_scans = [s for s in night.scans if s.type == "dark"]
+    if not dark_scans:
+        raise InputError(night.manifest_path, "the night has no dark scans and no dark library was given")
+    t0 = time.perf_counter()
+    darks = run_darks((night.load_scan(s.number) for s in dark_scans), config=cfg.darks)
+    dark_seconds = time.perf_counter() - t0
+
+    outcomes: list[ScanOutcome] = []
+    for i, info in enumerate(sky_scans):
+        outcome = ScanOutcome(info.number, info.type)
+        marker = products.scan_dir(out_dir, info.number) / "frames.parquet"
+        if resume and marker.exists():
+            outcome.status = "skipped"
+            outcomes.append(outcome)
+            if progress:
+                progress(f"scan {info.number} already done", i + 1, len(sky_scans))
+            continue
+        staging = staging_root / f"{info.number:03d}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            table = _process_scan(night, info, darks, cfg, dev, staging, outcome)
+            # Move the scan's products into place, the completion marker last.
+            for rel in outcome.products:
+                dst = out_dir / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / rel, dst)
+            products.write_frames_table(out_dir, info.number, table)
+        except Gpu2MassError as exc:
+            outcome.status, outcome.reason = "failed", f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a bug or a library failure: the night still goes on
+            outcome.status = "failed"
+            outcome.reason = f"{type(exc).__name__}: {exc}"
+            log.error("scan %d failed:\n%s", info.number, traceback.format_exc())
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        outcomes.append(outcome)
+        if progress:
+            progress(f"scan {info.number} ({info.type}) {outcome.status}", i + 1, len(sky_scans))
+    shutil.rmtree(staging_root, ignore_errors=True)
+
+    peak_host_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_dev_mb = None
+    if dev.is_gpu:
+        peak_dev_mb = dev.xp.get_default_memory_pool().total_bytes() / 2**20
+    result = NightResult(out_dir, outcomes, dev.name, time.perf_counter() - t_start)
+    products.write_run_json(out_dir, {
+        "gpu2mass": products.versions(), "device": dev.name, "night": str(night.root),
+        "manifest_sha256": night.manifest_sha256, "config": cfg.to_dict(),
+        "seconds": {"total": result.seconds, "darks": dark_seconds},
+        "peak_host_memory_mb": peak_host_mb, "peak_device_memory_mb": peak_dev_mb,
+        "scans": [{"scan": o.scan, "type": o.type, "status": o.status, "reason": o.reason,
+                   "seconds": o.seconds, "products": o.products} for o in outcomes],
+    })
+    return result

@@ -1,0 +1,95 @@
+"""``gpu2mass night`` end to end on the tiny night: products, provenance, failure
+isolation (a failing scan leaves no partial product and does not stop the others), resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from astropy.io import fits
+from gpu2mass.cli.main import app
+from typer.testing import CliRunner
+
+from gpu2mass.errors import StepError
+
+
+@pytest.fixture(scope="module")
+def processed(tiny_night, tmp_path_factory):
+    out = tmp_path_factory.mktemp("night") / "out"
+    res = CliRunner().invoke(app, ["night", str(tiny_night), "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_products_and_provenance(processed, tiny_night):
+    run = json.loads((processed / "run.json").read_text())
+    assert [s["status"] for s in run["scans"]] == ["ok", "ok"]
+    assert run["device"] == "cpu" and "numpy" in run["gpu2mass"] and len(run["manifest_sha256"]) == 64
+    assert run["config"]["register"]["match_radius_arcsec"] == 2.0
+    atlas = sorted(p.name for p in (processed / "atlas").iterdir())
+    assert len(atlas) == 2 * 3 * 3  # 2 scans × 3 bands × 3 image positions of a 30-frame scan
+    assert not (processed / ".staging").exists()
+    with fits.open(processed / "atlas" / "k_003_002.fits") as h:
+        assert h[0].data.shape == (1024, 512) and h[0].data.dtype.itemsize == 4
+        assert h[0].header["CTYPE1"] == "RA---SIN" and h[0].header["CRPIX2"] == 512.5
+        assert h[0].header["FILTER"] == "k" and h[0].header["SCANNO"] == 3
+        sig = h["SIGMA"].data
+        assert h["COVERAGE"].data.max() >= 6 and sig.dtype.kind == "f" and sig.dtype.itemsize == 4
+    frames = pq.read_table(processed / "scans" / "003" / "frames.parquet").to_pydict()
+    assert len(frames["frame"]) == 3 * 30
+    # The reconstructed frame centres are the truth's, to a fraction of an arcsec.
+    truth = pq.read_table(tiny_night / "truth" / "frames.parquet").to_pydict()
+    t = {(s, b, f): (r, d) for s, b, f, r, d in zip(truth["scan"], truth["band"], truth["frame"],
+                                                   truth["ra"], truth["dec"], strict=True)}
+    err = [np.hypot((r - t[(3, b, f)][0]) * np.cos(np.deg2rad(d)), d - t[(3, b, f)][1]) * 3600
+           for b, f, r, d in zip(frames["band"], frames["frame"], frames["ra"], frames["dec"], strict=True)]
+    assert np.sqrt(np.mean(np.square(err))) < 0.15 and np.max(err) < 0.4
+
+
+def test_resume_skips_finished_scans(processed, tiny_night):
+    before = (processed / "atlas" / "j_002_001.fits").stat().st_mtime_ns
+    res = CliRunner().invoke(app, ["night", str(tiny_night), "--out", str(processed), "--device", "cpu", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert "skipped" in res.output
+    assert (processed / "atlas" / "j_002_001.fits").stat().st_mtime_ns == before
+
+
+def test_a_failing_scan_does_not_take_the_night_down(tiny_night, tmp_path, monkeypatch):
+    import gpu2mass.register as reg
+
+    real = reg.run_register
+
+    def flaky(det, **kw):
+        if _is_sci[0]:
+            raise StepError("simulated failure in registration")
+        return real(det, **kw)
+
+    _is_sci = [False]
+    import gpu2mass.night as night_mod
+
+    orig = night_mod._process_scan
+
+    def tagged(night, info, *a, **kw):
+        _is_sci[0] = info.type == "sci"
+        return orig(night, info, *a, **kw)
+
+    monkeypatch.setattr(reg, "run_register", flaky)
+    monkeypatch.setattr(night_mod, "_process_scan", tagged)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["night", str(tiny_night), "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 1
+    assert "simulated failure" in res.output
+    run = json.loads((out / "run.json").read_text())
+    assert [s["status"] for s in run["scans"]] == ["ok", "failed"]
+    names = [p.name for p in (out / "atlas").iterdir()]
+    assert names and all("_002_" in n for n in names)  # nothing at all from the failed scan
+    assert not (out / "scans" / "003").exists()
+
+
+def test_bad_night_and_bad_device(tmp_path, tiny_night):
+    res = CliRunner().invoke(app, ["night", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "nowhere" in res.output
+    res = CliRunner().invoke(app, ["night", str(tiny_night), "--out", str(tmp_path / "o"), "--set", "register.bogus=1"])
+    assert res.exit_code == 2 and "unknown setting" in res.output
