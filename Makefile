@@ -18,10 +18,11 @@ venv: $(PY)
 install: $(PY)
 	$(PY) -m pip install -q -e '.[test]'
 
-# Simulate a small night and show what is in it (later issues process it).
+# Simulate a small night, validate it, and process it into Atlas Images.
 demo: install
 	$(VENV)/bin/gpu2mass simulate $(DEMO_NIGHT) --preset ci --seed 1 --overwrite
 	$(VENV)/bin/gpu2mass inspect $(DEMO_NIGHT)
+	$(VENV)/bin/gpu2mass night $(DEMO_NIGHT) --out $(DEMO_OUT)
 
 # The whole suite: the CPU lane, then the CUDA-simulator lane in its own process
 # (NUMBA_ENABLE_CUDASIM must be set before Numba is imported). Each lane fails

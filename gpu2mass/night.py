@@ -101,7 +101,7 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
     scan = night.load_scan(info.number)
     per_band = {}
     table = {k: [] for k in ("band", "frame", "mjd", "ra", "dec", "ra_cmd", "dec_cmd", "offset_xi_arcsec",
-                             "offset_eta_arcsec", "sky_dn", "noise_dn", "airmass")}
+                             "offset_eta_arcsec", "rot_deg", "scale_arcsec", "sky_dn", "noise_dn", "airmass")}
     for band in inst.bands:
         sb = scan[band]
         with timer("read"):
@@ -145,6 +145,8 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
         table["dec_cmd"].append(frames["DEC_CMD"])
         table["offset_xi_arcsec"].append(reg.offsets_arcsec[:, 0])
         table["offset_eta_arcsec"].append(reg.offsets_arcsec[:, 1])
+        table["rot_deg"].append(np.full(n, reg.geometry.band.rotation_deg))
+        table["scale_arcsec"].append(np.full(n, reg.geometry.band.scale_arcsec))
         table["sky_dn"].append(backend.to_host(cal.sky_r2r1))
         table["noise_dn"].append(backend.to_host(cal.noise_r2r1))
         table["airmass"].append(frames["AIRMASS"])
