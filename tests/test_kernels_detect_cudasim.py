@@ -48,7 +48,8 @@ def test_measure_matches_cpu(frames):
     data, mask = frames
     peaks = find_peaks(data, mask, np.array([20.0, 20.0]))
     f, y, x = np.nonzero(peaks)
-    f, y, x = f[:12], y[:12], x[:12]
+    # Three sources: each is a full Gauss-Newton fit, slow in the simulator's Python threads.
+    f, y, x = f[:3], y[:3], x[:3]
     kw = {"noise": np.array([5.0, 5.2]), "alpha": 1.1, "beta": 2.5, "params": make_params(saturation=800)}
     v, fl = measure_sources(data, mask, peaks, f, y, x, target="cuda", **kw)
     cv, cfl = measure_sources(data, mask, peaks, f, y, x, **kw)

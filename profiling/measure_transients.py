@@ -1,0 +1,107 @@
+"""Cosmic rays and meteor trails in a processed simulated night (issue 3).
+
+For every truth cosmic ray of a science scan: the Atlas pixel nearest its sky position
+(through the truth frame geometry), as a significance (value − local median) / SIGMA; the
+fraction above 5σ must be 0. For every truth meteor trail: the fraction of its pixels
+(within 2 px of the trail) covered by the pipeline's transient mask of that frame. Run: ``python profiling/measure_transients.py NIGHT OUT``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from gpu2mass.geometry import frame_geometry_from_truth
+
+
+def _atlas(out: Path, band: str, scan: int):
+    for p in sorted((out / "atlas").glob(f"{band.lower()}_{scan:03d}_*.fits")):
+        with fits.open(p) as h:
+            yield WCS(h[0].header), h[0].data.astype(float), h["SIGMA"].data.astype(float), h["COVERAGE"].data
+
+
+def main(night: Path, out: Path) -> dict:
+    manifest = json.loads((night / "night.json").read_text())
+    art = {k: np.asarray(v) for k, v in pq.read_table(night / "truth" / "artifacts.parquet").to_pydict().items()}
+    res = {"cosmic_rays": 0, "cr_above_5sigma": 0}
+    for s in (s for s in manifest["scans"] if s["type"] == "sci"):
+        for band in manifest["instrument"]["bands"]:
+            geo = frame_geometry_from_truth(night, s["scan"], band)
+            sel = (art["scan"] == s["scan"]) & (art["band"] == band)
+            images = list(_atlas(out, band, s["scan"]))
+            for k in np.flatnonzero(sel & (art["kind"] == "cosmic_ray")):
+                ra, dec = geo.pixel_to_sky(int(art["frame"][k]), art["x0"][k], art["y0"][k])
+                best = None
+                for w, d, sig, cov in images:
+                    x, y = w.world_to_pixel_values(ra, dec)
+                    ix, iy = int(round(float(x))), int(round(float(y)))
+                    if 8 <= ix < d.shape[1] - 8 and 8 <= iy < d.shape[0] - 8 and np.isfinite(d[iy, ix]):
+                        bg = np.nanmedian(d[iy - 8 : iy + 9, ix - 8 : ix + 9])
+                        z = np.nanmax((d[iy - 1 : iy + 2, ix - 1 : ix + 2] - bg) / sig[iy - 1 : iy + 2, ix - 1 : ix + 2])
+                        best = z if best is None else max(best, z)
+                if best is not None:
+                    res["cosmic_rays"] += 1
+                    res["cr_above_5sigma"] += int(best > 5)
+    res.update(_meteor_masks(night, art))
+    print(json.dumps(res, indent=1))
+    return res
+
+
+def _meteor_masks(night: Path, art: dict) -> dict:
+    """Fraction of truth meteor-trail pixels (within 2 px of the trail) that the pipeline's
+    transient masks cover in the frames that carry them, re-running the steps up to the
+    masks for every science scan with a meteor."""
+    from astropy.time import Time
+
+    from gpu2mass.darks import run_darks
+    from gpu2mass.framedet import run_frame_detection
+    from gpu2mass.frames import run_calibrate_frames
+    from gpu2mass.io.rawnight import open_night
+    from gpu2mass.refcat import load_reference_stars
+    from gpu2mass.register import run_register
+    from gpu2mass.transients import run_transients
+
+    n = open_night(night, check_data=False)
+    darks = run_darks(n.load_scan(s.number) for s in n.scans if s.type == "dark")
+    yy, xx = np.mgrid[0 : n.instrument.ny, 0 : n.instrument.nx]
+    covered, total, trails = 0, 0, 0
+    for info in (s for s in n.scans if s.type == "sci"):
+        scan = n.load_scan(info.number)
+        for band in n.instrument.bands:
+            met = np.flatnonzero((art["scan"] == info.number) & (art["band"] == band) & (art["kind"] == "meteor"))
+            if not met.size:
+                continue
+            sb = scan[band]
+            bad = n.calib_image("badpix", band) | darks[band].defects.astype(np.uint8)
+            cal = run_calibrate_frames(sb.r1, sb.r2r1, dark=darks[band], flat=n.calib_image("flat", band),
+                                       satmap=n.calib_image("satmap", band), badpix=bad)
+            det = run_frame_detection(cal.r2r1, mask=cal.mask_r2r1, noise=cal.noise_r2r1)
+            fr = sb.frames
+            ra0 = float(np.median(fr["RA_CMD"]))
+            ref = load_reference_stars(n.reference_catalog, epoch_jyear=Time(info.start_mjd, format="mjd").jyear,
+                                       ra_range=(ra0 - 0.3, ra0 + 0.3),
+                                       dec_range=(fr["DEC_CMD"].min() - 0.25, fr["DEC_CMD"].max() + 0.25))
+            reg = run_register(det, commanded_ra=fr["RA_CMD"], commanded_dec=fr["DEC_CMD"], reference=ref)
+            tr = run_transients(det, geometry=reg.geometry, band=band, nframes=info.nframes)
+            for k in met:
+                f = int(art["frame"][k])
+                x0, y0, x1, y1 = art["x0"][k], art["y0"][k], art["x1"][k], art["y1"][k]
+                length = np.hypot(x1 - x0, y1 - y0)
+                t = ((xx - x0) * (x1 - x0) + (yy - y0) * (y1 - y0)) / length**2
+                d = np.abs((xx - x0) * (y1 - y0) - (yy - y0) * (x1 - x0)) / length
+                trail = (d <= 2.0) & (t >= 0) & (t <= 1)
+                covered += int(tr.mask[f][trail].sum())
+                total += int(trail.sum())
+                trails += 1
+    return {"meteor_trails": trails, "meteor_trail_pixels": total,
+            "meteor_pixels_masked_fraction": covered / total if total else None}
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
