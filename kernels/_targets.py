@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 __all__ = [
+    "CALL_TARGETS",
     "TARGETS",
     "Kernel",
     "ScalarFunction",
@@ -50,6 +51,7 @@ __all__ = [
     "cpu_kernel",
     "cuda_kernel",
     "primitive",
+    "resolve_target",
     "scalar",
 ]
 
@@ -276,3 +278,27 @@ def cpu_kernel(func: Callable | None = None, *, parallel: bool = False):
 def cuda_kernel(func: Callable) -> Kernel:
     """Wrap a CUDA kernel (compiled with ``numba.cuda.jit`` on its first launch)."""
     return Kernel(func, "cuda", {})
+
+
+#: Values of the ``target`` keyword of the public kernel functions (``None`` picks from
+#: the arrays' namespace: NumPy → ``"cpu"``, CuPy → ``"cuda"``).
+CALL_TARGETS = ("cpu", "cuda", "reference")
+
+
+def resolve_target(xp, target: str | None) -> str:
+    """The target a kernel call runs on, from the inputs' namespace and ``target``.
+
+    Raises ``ValueError`` for an unknown target and ``TypeError`` for a host target with
+    CuPy arrays: kernels never copy device arrays to the host.
+    """
+    on_gpu = xp.__name__ == "cupy"
+    if target is None:
+        return "cuda" if on_gpu else "cpu"
+    if target not in CALL_TARGETS:
+        raise ValueError(f"target must be one of {CALL_TARGETS} or None, not {target!r}")
+    if on_gpu and target != "cuda":
+        raise TypeError(
+            f"target={target!r} runs on the host but the arrays are CuPy arrays; "
+            "kernels never copy device arrays to the host: pass NumPy arrays or target='cuda'"
+        )
+    return target

@@ -20,9 +20,9 @@ float32 rounding (tests: rtol 1e-6, masks identical).
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
+from gpu2mass.kernels._targets import CALL_TARGETS as TARGETS
+from gpu2mass.kernels._targets import resolve_target
 from gpu2mass.kernels.scalar.calibrate import (
     MASK_BAD,
     MASK_BITS,
@@ -48,24 +48,10 @@ __all__ = [
     "calibrate_frames",
 ]
 
-#: Values of the ``target`` keyword (``None`` picks from the arrays' namespace).
-TARGETS = ("cpu", "cuda", "reference")
 #: Values of the ``read`` keyword: which raw cube is calibrated.
 READS = ("r2r1", "r1")
 
 
-def _resolve_target(xp: types.ModuleType, target: str | None) -> str:
-    on_gpu = xp.__name__ == "cupy"
-    if target is None:
-        return "cuda" if on_gpu else "cpu"
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS} or None, not {target!r}")
-    if on_gpu and target != "cuda":
-        raise TypeError(
-            f"target={target!r} runs on the host but the arrays are CuPy arrays; "
-            "kernels never copy device arrays to the host: pass NumPy arrays or target='cuda'"
-        )
-    return target
 
 
 def _real(xp, name: str, a, kinds: str = "uif"):
@@ -120,7 +106,7 @@ def calibrate_frames(r1, r2r1, dark, flat, satmap, badpix, *, read: str = "r2r1"
     if not np.isfinite(margin):
         raise ValueError(f"margin must be finite, not {margin!r}")
     xp = get_namespace(r1, r2r1, dark, flat, satmap, badpix)
-    tgt = _resolve_target(xp, target)
+    tgt = resolve_target(xp, target)
     r1, r2r1 = xp.asarray(r1), xp.asarray(r2r1)
     if r1.ndim != 3 or r1.shape != r2r1.shape:
         raise ValueError(

@@ -19,9 +19,9 @@ identical on every target; measurements agree between CPU and CUDA to float64 ro
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
+from gpu2mass.kernels._targets import CALL_TARGETS as TARGETS
+from gpu2mass.kernels._targets import resolve_target
 from gpu2mass.kernels.scalar.detect import MEASURE_COLUMNS, N_PARAMS
 from gpu2mass.kernels.scalar.moffat import PIXEL_RULE_DX, PIXEL_RULE_DY, PIXEL_RULE_W
 
@@ -29,22 +29,8 @@ from gpu2mass.backend import get_namespace
 
 __all__ = ["MEASURE_COLUMNS", "TARGETS", "find_peaks", "measure_sources"]
 
-#: Values of the ``target`` keyword (``None`` picks from the arrays' namespace).
-TARGETS = ("cpu", "cuda", "reference")
 
 
-def _resolve_target(xp: types.ModuleType, target: str | None) -> str:
-    on_gpu = xp.__name__ == "cupy"
-    if target is None:
-        return "cuda" if on_gpu else "cpu"
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS} or None, not {target!r}")
-    if on_gpu and target != "cuda":
-        raise TypeError(
-            f"target={target!r} runs on the host but the arrays are CuPy arrays; "
-            "kernels never copy device arrays to the host: pass NumPy arrays or target='cuda'"
-        )
-    return target
 
 
 def _stack(xp, name, a, shape=None, dtype=None):
@@ -97,7 +83,7 @@ def find_peaks(image, mask, threshold, *, target: str | None = None):
         (the first pixel in raster order); neighbours off the frame are ignored.
     """
     xp = get_namespace(image, mask)
-    tgt = _resolve_target(xp, target)
+    tgt = resolve_target(xp, target)
     image = _stack(xp, "image", image, dtype=xp.float32)
     mask = _stack(xp, "mask", mask, shape=image.shape, dtype=xp.uint8)
     threshold = _per_frame(xp, "threshold", threshold, image.shape[0])
@@ -152,7 +138,7 @@ def measure_sources(data, mask, peaks, frame, y, x, *, noise, alpha, beta, param
         whose flags carry ``REJECT_*`` bits failed a 2MASS acceptance rule.
     """
     xp = get_namespace(data, mask, peaks, frame, y, x)
-    tgt = _resolve_target(xp, target)
+    tgt = resolve_target(xp, target)
     data = _stack(xp, "data", data)
     if data.dtype not in (xp.float32, xp.float64):
         data = data.astype(xp.float32)

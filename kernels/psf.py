@@ -33,13 +33,13 @@ import operator
 import types
 
 import numpy as np
+from gpu2mass.kernels._targets import CALL_TARGETS as TARGETS
+from gpu2mass.kernels._targets import resolve_target
 
 from gpu2mass.backend import get_namespace
 
 __all__ = ["TARGETS", "add_stamps", "render_point_sources", "render_psf_stamps"]
 
-#: Values of the ``target`` keyword (``None`` picks from the arrays' namespace).
-TARGETS = ("cpu", "cuda", "reference")
 
 # render_point_sources renders and adds this many sources at a time, so that the stamps in
 # flight stay small (16384 stamps of half_size 12: 41 MB) whatever the number of sources.
@@ -59,18 +59,6 @@ def _namespace(*values) -> types.ModuleType:
     return get_namespace(*arrays)
 
 
-def _resolve_target(xp: types.ModuleType, target: str | None) -> str:
-    on_gpu = xp.__name__ == "cupy"
-    if target is None:
-        return "cuda" if on_gpu else "cpu"
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS} or None, not {target!r}")
-    if on_gpu and target != "cuda":
-        raise TypeError(
-            f"target={target!r} runs on the host but the arrays are CuPy arrays; "
-            "kernels never copy device arrays to the host: pass NumPy arrays or target='cuda'"
-        )
-    return target
 
 
 def _check_half_size(half_size) -> int:
@@ -228,7 +216,7 @@ def render_psf_stamps(fx, fy, flux, alpha, beta, *, half_size: int, target: str 
     """
     h = _check_half_size(half_size)
     xp = _namespace(fx, fy, flux, alpha, beta)
-    tgt = _resolve_target(xp, target)
+    tgt = resolve_target(xp, target)
     fx, fy = _sources(xp, None, fx=fx, fy=fy)
     flux, alpha, beta = _sources(xp, fx.shape[0], flux=flux, alpha=alpha, beta=beta)
     for name, off in (("fx", fx), ("fy", fy)):
@@ -259,7 +247,7 @@ def add_stamps(image, stamps, x0, y0, *, target: str | None = None) -> None:
     pixels where stamps overlap) may vary from run to run.
     """
     xp = _namespace(image, stamps, x0, y0)
-    tgt = _resolve_target(xp, target)
+    tgt = resolve_target(xp, target)
     if not hasattr(image, "flags"):
         raise ValueError(
             f"image must be a float32 array, modified in place; got {type(image).__name__}"
@@ -324,7 +312,7 @@ def render_point_sources(
     if ny < 0 or nx < 0:
         raise ValueError(f"shape must be two non-negative integers (ny, nx), not {shape!r}")
     xp = _namespace(x, y, flux, alpha, beta)
-    tgt = _resolve_target(xp, target)
+    tgt = resolve_target(xp, target)
     x, y = _sources(xp, None, x=x, y=y)
     flux, alpha, beta = _sources(xp, x.shape[0], flux=flux, alpha=alpha, beta=beta)
     for name, pos in (("x", x), ("y", y)):

@@ -27,25 +27,12 @@ from __future__ import annotations
 import numpy as np
 
 from gpu2mass.backend import get_namespace
+from gpu2mass.kernels._targets import CALL_TARGETS, resolve_target
 
 __all__ = ["RESAMPLE_TARGETS", "resample_frames"]
 
 #: Values of the ``target`` keyword (``None`` picks from the arrays' namespace).
-RESAMPLE_TARGETS = ("cpu", "cuda", "reference")
-
-
-def _resolve_target(xp, target):
-    on_gpu = xp.__name__ == "cupy"
-    if target is None:
-        return "cuda" if on_gpu else "cpu"
-    if target not in RESAMPLE_TARGETS:
-        raise ValueError(f"target must be one of {RESAMPLE_TARGETS} or None, not {target!r}")
-    if on_gpu and target != "cuda":
-        raise TypeError(
-            f"target={target!r} runs on the host but the arrays are CuPy arrays; "
-            "kernels never copy device arrays to the host: pass NumPy arrays or target='cuda'"
-        )
-    return target
+RESAMPLE_TARGETS = CALL_TARGETS
 
 
 def _cupy_stream():
@@ -91,7 +78,7 @@ def resample_frames(frames, mask, coef, norm, boxes, *, shape, min_weight=0.5, t
         does not contribute.
     """
     xp = get_namespace(frames, mask, coef, norm, boxes)
-    target = _resolve_target(xp, target)
+    target = resolve_target(xp, target)
     frames = xp.ascontiguousarray(xp.asarray(frames, dtype=xp.float32))
     if frames.ndim != 3:
         raise ValueError(f"frames must be (n, ny, nx), got shape {frames.shape}")
