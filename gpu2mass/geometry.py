@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "DISTORTION_TERMS",
     "DISTORTION_RADIUS_PX",
+    "DISTORTION_TERMS",
     "BandGeometry",
     "FrameGeometry",
-    "tan_project",
-    "tan_deproject",
     "frame_geometry_from_truth",
+    "tan_deproject",
+    "tan_project",
 ]
 
 #: Exponents (i, j) of the distortion terms s^i t^j, the same list for du and dv.
@@ -169,7 +169,7 @@ def _truth_band(optics: dict, nx: int, ny: int) -> BandGeometry:
 
 def frame_geometry_from_truth(night_dir: str | Path, scan: int, band: str) -> FrameGeometry:
     """The true :class:`FrameGeometry` of a simulated scan (reads ``truth/``; tests only)."""
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow.parquet as pq
 
     night_dir = Path(night_dir)
     truth = json.loads((night_dir / "truth" / "night.json").read_text())

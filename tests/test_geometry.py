@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpu2mass.geometry import BandGeometry, FrameGeometry, frame_geometry_from_truth, tan_deproject, tan_project
+from gpu2mass.geometry import (
+    BandGeometry,
+    FrameGeometry,
+    frame_geometry_from_truth,
+    tan_deproject,
+    tan_project,
+)
 from gpu2mass.sim.camera import default_camera
 from gpu2mass.sim.geometry import tan_deproject as sim_deproject
 

