@@ -11,7 +11,7 @@ DEMO_OUT   ?= demo_out
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
 
 venv: $(PY)
 
