@@ -12,10 +12,10 @@ from astropy.io import fits
 from conftest import TINY_INJECT_K
 from scipy.optimize import least_squares
 
+from gpu2mass.geometry import tan_project
 from gpu2mass.io import rawformat as rf
 from gpu2mass.sim import psf
 from gpu2mass.sim.camera import BandOptics
-from gpu2mass.sim.geometry import tan_project
 
 BANDS = ("J", "H", "K")
 MAGCOL = {"J": "j_m", "H": "h_m", "K": "k_m"}

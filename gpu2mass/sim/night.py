@@ -17,6 +17,7 @@ import numpy as np
 from astropy.time import Time
 
 from gpu2mass import __version__
+from gpu2mass.geometry import tan_deproject
 from gpu2mass.io import rawformat as rf
 from gpu2mass.io.rawwrite import (
     write_calib_image,
@@ -115,10 +116,8 @@ def _meteors(plans: list[ScanPlan], preset, step: float, rng) -> list[Meteor]:
         ang = rng.uniform(0, np.pi)
         half = 700.0 if k == 0 else rng.uniform(60, 250)  # arcsec; 700" crosses the frame
         cx, cy = rng.uniform(-120, 120, 2) if k == 0 else rng.uniform(-250, 250, 2)
-        from gpu2mass.sim.geometry import offset_radec
-
-        ra, dec = offset_radec(ra_c[f], dec_c[f], np.array([cx - half * np.cos(ang), cx + half * np.cos(ang)]),
-                               np.array([cy - half * np.sin(ang), cy + half * np.sin(ang)]))
+        ra, dec = tan_deproject(np.array([cx - half * np.cos(ang), cx + half * np.cos(ang)]),
+                                np.array([cy - half * np.sin(ang), cy + half * np.sin(ang)]), ra_c[f], dec_c[f])
         out.append(Meteor(p.number, f, (float(ra[0]), float(ra[1])), (float(dec[0]), float(dec[1])),
                           float(rng.uniform(10.0, 12.0))))
     return out

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gpu2mass.geometry import tan_deproject, tan_project
 from gpu2mass.kernels import add_stamps, render_psf_stamps
 from gpu2mass.sim import artifacts as art
 from gpu2mass.sim.camera import CalibrationLibrary, Camera
 from gpu2mass.sim.galaxy import galaxy_half_size, render_galaxy
-from gpu2mass.sim.geometry import offset_radec, tan_project
 from gpu2mass.sim.observing import Atmosphere, Site, SmoothProcess, airmass, gmst_deg
 from gpu2mass.sim.plan import ScanPlan
 from gpu2mass.sim.psf import moffat_alpha, optical_fwhm
@@ -123,7 +123,7 @@ def _frame_geometry(plan: ScanPlan, camera: Camera, site: Site, pointing: Pointi
     exi, eeta = pointing.error(mjd, rng)
     exi = exi + plan.pointing_offset_arcsec[0]
     eeta = eeta + plan.pointing_offset_arcsec[1]
-    ra_b, dec_b = offset_radec(ra_cmd, dec_cmd, exi, eeta)
+    ra_b, dec_b = tan_deproject(exi, eeta, ra_cmd, dec_cmd)
     return mjd, ra_cmd, dec_cmd, ra_b, dec_b
 
 
@@ -164,7 +164,7 @@ def _simulate_band(plan, band, out, *, camera, calib, atm, mjd, ra_b, dec_b, xma
     sky_sigma = np.zeros(n)
     bright_by_frame: list[list] = [[] for _ in range(n)]
     if plan.is_sky:
-        ra_c, dec_c = offset_radec(ra_b, dec_b, *opt.offset_arcsec)
+        ra_c, dec_c = tan_deproject(*opt.offset_arcsec, ra_b, dec_b)
         fwhm = atm.seeing(band, mjd)
         zp = atm.zero_point(band, mjd, xmass)
         skylev = atm.sky(band, mjd)
