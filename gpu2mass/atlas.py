@@ -37,10 +37,14 @@ Frames are selected per grid by their centres, so a 273-frame scan costs ~20 fra
 grid; each selected frame's cubic is fitted on ``fit_samples²`` points mapped exactly
 through :class:`~gpu2mass.geometry.FrameGeometry` and the grid's SIN projection.
 
-Combination. Frames are added in scan order into a weighted mean with weights 1/σ_f²
-(σ_f: each frame's per-pixel noise). Before a frame is added, the median of (incoming −
-image so far) over the pixels both cover is subtracted from it (facts sheet section 2.2,
-step 4; needs :attr:`AtlasConfig.min_overlap_pixels`, else no offset). On pure-noise frames
+Combination. Frames are taken in scan order; before a frame is added, the median of
+(incoming − image so far) over the pixels both cover is subtracted from it (facts sheet
+section 2.2, step 4; needs :attr:`AtlasConfig.min_overlap_pixels`, else no offset). With
+those offsets the frames are combined per pixel into a weighted mean with weights 1/σ_f²
+(σ_f: each frame's per-pixel noise), the highest contribution dropped where it is an
+outlier (cosmic rays and hot pixels that the transient masks missed; see
+:attr:`AtlasConfig.reject_sigma`); the kernel is :mod:`gpu2mass.kernels.coadd` (CPU Numba,
+CUDA, NumPy reference); ``NREJECT`` counts the pixels where it fired. On pure-noise frames
 the match itself wanders by ~0.1 DN per frame at σ_f = 15 DN (no bias: the mean of the
 offsets over 8 noise realisations is 0 within its error); the level of an image is that
 of its first frame.
@@ -71,6 +75,7 @@ from pathlib import Path
 import numpy as np
 
 from gpu2mass.backend import get_namespace
+from gpu2mass.backend import to_host as backend_to_host
 from gpu2mass.errors import ConfigError, StepError
 from gpu2mass.geometry import FrameGeometry
 
@@ -119,6 +124,16 @@ class AtlasConfig:
     max_fit_residual_px
         Largest allowed residual of that fit, frame pixels; above it ``StepError`` (the
         geometry is too far from smooth for a cubic).
+    reject_sigma, reject_fraction
+        Outlier rejection in the coadd (not in 2MASS, whose solo masking let "a few hot
+        pixels" through, facts sheet 2.3; the issue asks that no cosmic ray survive): at
+        each pixel the highest frame contribution is dropped if it exceeds the weighted mean
+        of the others by more than ``reject_sigma`` times their combined noise plus
+        ``reject_fraction`` times that mean (5, 1.0: a 5σ test on blank sky; on stars a
+        contribution must also exceed twice the others' mean, far beyond the ±30 % that
+        sub-pixel phase and seeing make between frames). ``reject_sigma = 0``: off.
+    reject_min_frames
+        Least number of contributing frames for the test (2).
     noise_correlation_factor
         Ratio of the true noise of a sum over a large area to the quadrature sum of
         ``SIGMA`` over it (2.97: measured on pure-noise frames for 25×25-pixel boxes, about
@@ -138,6 +153,9 @@ class AtlasConfig:
     match_subsample: int = 2
     fit_samples: int = 17
     max_fit_residual_px: float = 0.01
+    reject_sigma: float = 5.0
+    reject_fraction: float = 1.0
+    reject_min_frames: int = 2
     noise_correlation_factor: float = 2.97
 
     def __post_init__(self):
@@ -152,6 +170,9 @@ class AtlasConfig:
             ("match_subsample", self.match_subsample >= 1, ">= 1"),
             ("fit_samples", self.fit_samples >= 5, ">= 5"),
             ("max_fit_residual_px", self.max_fit_residual_px > 0, "> 0"),
+            ("reject_sigma", self.reject_sigma >= 0, ">= 0"),
+            ("reject_fraction", self.reject_fraction >= 0, ">= 0"),
+            ("reject_min_frames", self.reject_min_frames >= 2, ">= 2"),
             ("noise_correlation_factor", self.noise_correlation_factor >= 1, ">= 1"),
         )
         for name, ok, rule in checks:
@@ -399,6 +420,9 @@ class AtlasImage:
         int64 (k,): indices of the frames that contributed, in the order they were added.
     offsets
         float64 (k,): background offset subtracted from each of them, DN per 1" pixel.
+    rejected
+        uint8 (ny, nx): 1 where one frame's contribution was rejected as an outlier
+        (cosmic rays, unmasked hot pixels; see :attr:`AtlasConfig.reject_sigma`).
     """
 
     data: object
@@ -408,6 +432,7 @@ class AtlasImage:
     grid: AtlasGrid
     frames: np.ndarray = field(repr=False)
     offsets: np.ndarray = field(repr=False)
+    rejected: object = field(default=None, repr=False)
 
 
 def _finite_mask(xp, frames, mask):
@@ -481,6 +506,7 @@ def run_atlas(
         No frame overlapping the grid, no unmasked pixel reaching it, or a frame mapping
         that a cubic does not fit to ``max_fit_residual_px``.
     """
+    from gpu2mass.kernels.coadd import combine_frames
     from gpu2mass.kernels.resample import resample_frames
 
     xp = get_namespace(frames)
@@ -523,47 +549,53 @@ def run_atlas(
         sub, sub_mask, xp.asarray(coef), xp.asarray(norm), xp.asarray(boxes),
         shape=grid.shape, min_weight=config.min_kernel_weight,
     )
-    num = xp.zeros(grid.shape, xp.float64)
-    den = xp.zeros(grid.shape, xp.float64)
-    var = xp.zeros(grid.shape, xp.float64)
-    cov = xp.zeros(grid.shape, xp.int32)
-    used, offsets = [], []
-    step = config.match_subsample
-    for j, k in enumerate(hit):
-        r0, r1, c0, c1 = (int(b) for b in boxes[j])
-        v = vals[j, r0:r1, c0:c1].astype(xp.float64)
-        ok = xp.isfinite(v)
-        if not bool(xp.any(ok)):
-            continue
-        d = den[r0:r1, c0:c1]
-        n_ = num[r0:r1, c0:c1]
-        off = 0.0
-        if config.background_match:
-            # Every step-th row and column: neighbouring pixels are correlated by the
-            # kernel, so the subsample loses little and the median costs step² less.
-            vs, ns, ds = v[::step, ::step], n_[::step, ::step], d[::step, ::step]
-            both = xp.isfinite(vs) & (ds > 0)
-            if int(xp.count_nonzero(both)) * step * step >= config.min_overlap_pixels:
-                off = float(xp.median(vs[both] - ns[both] / ds[both]))
-        w = 1.0 / noise[k] ** 2
-        n_ += xp.where(ok, w * (v - off), 0.0)
-        d += xp.where(ok, w, 0.0)
-        var[r0:r1, c0:c1] += xp.where(ok, w * w * noise[k] ** 2 * vfac[j, r0:r1, c0:c1], 0.0)
-        cov[r0:r1, c0:c1] += ok
-        used.append(int(k))
-        offsets.append(off)
-    if not used:
+    contributes = np.asarray(backend_to_host(xp.isfinite(vals).any(axis=(1, 2))), bool)
+    if not contributes.any():
         raise StepError(f"no unmasked frame pixel reaches Atlas grid {grid.index}")
-    good = den > 0
-    safe = xp.where(good, den, 1.0)
-    data = xp.where(good, num / safe, xp.nan).astype(xp.float32)
-    sigma = xp.where(good, xp.sqrt(var) / safe, xp.nan).astype(xp.float32)
+    weights = 1.0 / noise[hit] ** 2
+    offsets = _background_offsets(xp, vals, boxes, weights, config)
+    data, sigma, cov, rejected = combine_frames(
+        vals, vfac, xp.asarray(offsets), xp.asarray(weights), reject_sigma=config.reject_sigma,
+        reject_fraction=config.reject_fraction, min_frames=config.reject_min_frames)
     coverage = xp.minimum(cov, 255).astype(xp.uint8)
-    used = np.array(used, np.int64)
+    used = hit[contributes]
     header = _header(xp, data, grid, geometry, config, used, band=band, scan=scan,
                      scan_type=scan_type, scan_dir=scan_dir, sky=sky, zp_mag=zp_mag,
                      seeing_arcsec=seeing_arcsec)
-    return AtlasImage(data, coverage, sigma, header, grid, used, np.array(offsets, float))
+    header["NREJECT"] = int(xp.count_nonzero(rejected))
+    return AtlasImage(data, coverage, sigma, header, grid, used, offsets[contributes], rejected)
+
+
+def _background_offsets(xp, vals, boxes, weights, config: AtlasConfig) -> np.ndarray:
+    """Background offset of each resampled frame (n,), DN per output pixel: frames in scan
+    order, each matched to the running weighted mean of those before it by the median of
+    (incoming − image so far) over the pixels both cover (2MASS, facts sheet 2.2).
+
+    The running mean is kept on every ``match_subsample``-th row and column only:
+    neighbouring output pixels are correlated by the kernel, so the subsample loses little,
+    and it costs ``match_subsample²`` less than the full grid.
+    """
+    n = vals.shape[0]
+    offsets = np.zeros(n)
+    if not config.background_match:
+        return offsets
+    step = config.match_subsample
+    sv = vals[:, ::step, ::step]
+    num = xp.zeros(sv.shape[1:], xp.float64)
+    den = xp.zeros(sv.shape[1:], xp.float64)
+    for j in range(n):
+        r0, r1, c0, c1 = (-(-int(b) // step) for b in boxes[j])
+        v = sv[j, r0:r1, c0:c1].astype(xp.float64)
+        ok = xp.isfinite(v)
+        n_, d = num[r0:r1, c0:c1], den[r0:r1, c0:c1]
+        both = ok & (d > 0)
+        off = 0.0
+        if int(xp.count_nonzero(both)) * step * step >= config.min_overlap_pixels:
+            off = float(xp.median(v[both] - n_[both] / d[both]))
+        n_ += xp.where(ok, weights[j] * (v - off), 0.0)
+        d += xp.where(ok, weights[j], 0.0)
+        offsets[j] = off
+    return offsets
 
 
 def _header(xp, data, grid, geometry, config, used, *, band, scan, scan_type, scan_dir, sky,
@@ -606,7 +638,8 @@ _COMMENTS = {
     "FILTER": "band j/h/k", "MAGZP": "mag of 1 DN (instrumental)", "SKYVAL": "background, DN/pix",
     "SKYSIG": "background noise, DN/pix", "NFRAMES": "frames contributing",
     "SEEING": "seeing FWHM, arcsec", "IMAGENO": "image position along the scan (S to N)",
-    "KERNEL": "resampling kernel", "NCORFAC": "noise of large sums / quadrature SIGMA",
+    "KERNEL": "resampling kernel", "NREJECT": "pixels with one frame rejected (outlier)",
+    "NCORFAC": "noise of large sums / quadrature SIGMA",
 }
 
 
