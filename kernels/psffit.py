@@ -82,8 +82,8 @@ class PsfFitResult:
     status
         int32 (G, K): bit flags (:data:`STATUS_BITS`, documented in
         :mod:`gpu2mass.kernels.scalar.psffit`): 1 not converged and 2 singular normal matrix
-        (set on every used source of the group), 4 flux <= 0, 8 moved more than
-        ``max_shift``, 16 no data (too few pixels, or an unconstrained parameter). 0 for
+        (set on every used source of the group), 4 flux <= 0, 8 held at the
+        ``max_shift`` bound, 16 no data (too few pixels, or an unconstrained parameter). 0 for
         unused slots.
     """
 
@@ -151,7 +151,9 @@ def fit_psf_groups(stamps, weights, frame_maps, psf_params, flux_scale, init, ns
         Radius (stamp pixels) around each source of the pixels of its psfchi (2MASS: 2
         camera pixels).
     max_shift
-        Distance in (u, v) units beyond which a fitted position is flagged as moved.
+        Bound of the fitted positions: each source's (u, v) is kept within this distance
+        (in (u, v) units) of its initial (u, v), and flagged (8) when held at the bound
+        (the role of photutils' ``xy_bounds``).
     target
         ``"cpu"``, ``"cuda"``, ``"reference"`` or None (from the arrays' namespace).
 

@@ -26,21 +26,23 @@ __all__ = ["make_psf_groups"]
 
 def _place(rng, n, sep_range):
     """n positions (n, 2) near 0: each next one sep_range px from the previous, no closer
-    than sep_range[0] to any other."""
-    pos = np.zeros((n, 2))
-    pos[0] = rng.uniform(-0.5, 0.5, 2)
-    for k in range(1, n):
-        for _ in range(1000):
+    than sep_range[0] to any other, all within 3.5 px of the first."""
+    for _ in range(1000):  # a chain that walks into a corner starts again
+        pos = np.zeros((n, 2))
+        k = 1
+        for _ in range(200):
+            if k == n:
+                break
             r = rng.uniform(*sep_range)
             th = rng.uniform(0, 2 * np.pi)
             cand = pos[k - 1] + r * np.array([np.cos(th), np.sin(th)])
             if np.all(np.hypot(*(pos[:k] - cand).T) >= sep_range[0]) and np.all(
                     np.abs(cand) < 3.5):
                 pos[k] = cand
-                break
-        else:  # pragma: no cover - 1000 draws always find room in the 7 x 7 px box
-            raise RuntimeError("could not place the sources")
-    return pos - pos.mean(0) + rng.uniform(-0.5, 0.5, 2)
+                k += 1
+        if k == n:
+            return pos - pos.mean(0) + rng.uniform(-0.5, 0.5, 2)
+    raise ValueError(f"could not place {n} sources {sep_range} px apart")
 
 
 def make_psf_groups(rng: np.random.Generator, n_groups: int, *, nsrc=1, slots: int = 7,

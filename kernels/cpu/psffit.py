@@ -43,9 +43,10 @@ def _fit_kernel(stamps, weights, maps, psf, fscale, init, nsrc, max_iter, tol, c
         lm_begin(g, init, n, state, trial)
         done = False
         while not done:
-            accumulate_group(g, 0, 1, stamps, weights, maps, psf, fscale, trial, n, chi_r2,
-                             rule_dx, rule_dy, rule_w, jac, tot)
-            done = lm_update(tot, best, par, trial, n, state, max_iter, tol, chol, delta)
+            accumulate_group(g, 0, 1, stamps, weights, maps, psf, fscale, init, trial, n,
+                             chi_r2, rule_dx, rule_dy, rule_w, jac, tot)
+            done = lm_update(g, init, tot, best, par, trial, n, state, max_iter, tol,
+                             max_shift, chol, delta)
         lm_finish(g, best, par, init, n, state, max_shift, chol, delta,
                   params, errors, chi2, npix, niter, status)
 

@@ -64,8 +64,8 @@ def _fit_kernel(stamps, weights, maps, psf, fscale, init, nsrc, max_iter, tol, c
         done[0] = 0
     cuda.syncthreads()
     while done[0] == 0:
-        accumulate_group(g, t, THREADS_PER_BLOCK, stamps, weights, maps, psf, fscale, trial, n,
-                         chi_r2, PIXEL_RULE_DX, PIXEL_RULE_DY, PIXEL_RULE_W, jac, acc)
+        accumulate_group(g, t, THREADS_PER_BLOCK, stamps, weights, maps, psf, fscale, init,
+                         trial, n, chi_r2, PIXEL_RULE_DX, PIXEL_RULE_DY, PIXEL_RULE_W, jac, acc)
         for c0 in range(0, n_acc, REDUCE_CHUNK):
             for j in range(REDUCE_CHUNK):
                 if c0 + j < n_acc:
@@ -78,7 +78,8 @@ def _fit_kernel(stamps, weights, maps, psf, fscale, init, nsrc, max_iter, tol, c
                 tot[c0 + t] = s
             cuda.syncthreads()
         if t == 0:
-            over = lm_update(tot, best, par, trial, n, state, max_iter, tol, chol, delta)
+            over = lm_update(g, init, tot, best, par, trial, n, state, max_iter, tol,
+                             max_shift, chol, delta)
             done[0] = 1 if over else 0
         cuda.syncthreads()
     if t == 0:

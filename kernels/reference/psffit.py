@@ -5,7 +5,8 @@ Written independently of the scalar code: Gauss-Legendre nodes from
 over a group's used pixels with NumPy, the normal equations as ``J.T @ (w J)``, Cholesky
 and inverse from :mod:`numpy.linalg`. It follows the schedule of
 :mod:`gpu2mass.kernels.scalar.psffit` decision for decision (start, damping factors,
-convergence test, frozen parameters, pivot threshold), so the fast paths can be held to it
+convergence test, position bound, rule orders fixed at the initial positions, frozen
+parameters, pivot threshold), so the fast paths can be held to it
 at rounding level.
 """
 
@@ -24,6 +25,7 @@ from gpu2mass.kernels.scalar.psffit import (
     LAMBDA_MIN,
     LAMBDA_START,
     MIN_CHI_PIXELS,
+    MOVED_FRACTION2,
     PIVOT_RTOL,
     STATUS_MOVED,
     STATUS_NO_DATA,
@@ -32,7 +34,7 @@ from gpu2mass.kernels.scalar.psffit import (
     STATUS_SINGULAR,
 )
 
-__all__ = ["fit_psf_groups", "moffat_pixel_gradient", "render_group_model"]
+__all__ = ["fit_psf_groups", "moffat_pixel_gradient", "quadrature_order", "render_group_model"]
 
 
 def _rule(n: int):
@@ -43,17 +45,24 @@ def _rule(n: int):
 _RULES = {n: _rule(n) for n in (GL_ORDER_NEAR, GL_ORDER_MID, GL_ORDER_FAR)}
 
 
-def moffat_pixel_gradient(cx, cy, alpha, beta):
+def quadrature_order(cx, cy):
+    """Gauss-Legendre order per axis for pixels at (cx, cy) px from a source; (N,) ints."""
+    d2 = np.asarray(cx) ** 2 + np.asarray(cy) ** 2
+    return np.where(d2 < GL_RADIUS_NEAR**2, GL_ORDER_NEAR,
+                    np.where(d2 < GL_RADIUS_MID**2, GL_ORDER_MID, GL_ORDER_FAR))
+
+
+def moffat_pixel_gradient(cx, cy, alpha, beta, order=None):
     """Pixel-integrated unit Moffat and its derivatives with respect to the source x, y.
 
-    ``cx, cy`` (N,) pixel centre minus source centre (px); ``alpha, beta`` (N,) or scalars.
+    ``cx, cy`` (N,) pixel centre minus source centre (px); ``alpha, beta`` (N,) or scalars;
+    ``order`` (N,) the rule's order per pixel (default: by the distance, as the renderer).
     Returns three (N,) arrays: value, d/dX_source, d/dY_source.
     """
     cx, cy, alpha, beta = np.broadcast_arrays(
         *(np.asarray(v, dtype=np.float64) for v in (cx, cy, alpha, beta)))
-    d2 = cx * cx + cy * cy
-    order = np.where(d2 < GL_RADIUS_NEAR**2, GL_ORDER_NEAR,
-                     np.where(d2 < GL_RADIUS_MID**2, GL_ORDER_MID, GL_ORDER_FAR))
+    if order is None:
+        order = quadrature_order(cx, cy)
     val, gx, gy = (np.zeros(cx.shape) for _ in range(3))
     for n, (rx, ry, rw) in _RULES.items():
         sel = order == n
@@ -80,23 +89,27 @@ def _positions(maps, u, v):
     return x, y
 
 
-def render_group_model(maps, psf, fscale, par, shape):
+def render_group_model(maps, psf, fscale, par, shape, init=None):
     """Noise-free model stamps (F, S_y, S_x) of sources ``par`` (n, 3: flux, u, v) of one
-    group: the sum of their pixel-integrated Moffats, as the fit models them."""
+    group: the sum of their pixel-integrated Moffats, as the fit models them when it
+    started from ``init`` (n, 3; default ``par``: then exactly what the renderer makes)."""
     nf = maps.shape[0]
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     out = np.zeros((nf, *shape))
     x, y = _positions(maps, par[:, 1], par[:, 2])
+    x0, y0 = _positions(maps, *(par if init is None else init)[:, 1:].T)
     for f in range(nf):
         for k in range(par.shape[0]):
+            order = quadrature_order(xx.ravel() - x0[f, k], yy.ravel() - y0[f, k])
             val, _, _ = moffat_pixel_gradient(xx.ravel() - x[f, k], yy.ravel() - y[f, k],
-                                              psf[f, 0], psf[f, 1])
+                                              psf[f, 0], psf[f, 1], order)
             out[f] += fscale[f] * par[k, 0] * val.reshape(shape)
     return out
 
 
-def _pass(d, w, fi, px, py, maps, psf, fscale, par, chi_r2):
-    """chi2, per-source chi2 and pixel counts, b and A at parameters par (n, 3)."""
+def _pass(d, w, fi, px, py, maps, psf, fscale, par, orders, chi_r2):
+    """chi2, per-source chi2 and pixel counts, b and A at parameters par (n, 3); orders
+    (npix, n) the rule of each (pixel, source)."""
     n = par.shape[0]
     npix = d.shape[0]
     jac = np.zeros((npix, 3 * n))
@@ -108,7 +121,7 @@ def _pass(d, w, fi, px, py, maps, psf, fscale, par, chi_r2):
     for k in range(n):
         cx = px - x[fi, k]
         cy = py - y[fi, k]
-        val, gx, gy = moffat_pixel_gradient(cx, cy, psf[fi, 0], psf[fi, 1])
+        val, gx, gy = moffat_pixel_gradient(cx, cy, psf[fi, 0], psf[fi, 1], orders[:, k])
         model += s * par[k, 0] * val
         jac[:, 3 * k] = s * val
         jac[:, 3 * k + 1] = s * par[k, 0] * (gx * m[:, 0, 1] + gy * m[:, 1, 1])
@@ -120,10 +133,12 @@ def _pass(d, w, fi, px, py, maps, psf, fscale, par, chi_r2):
             jac.T @ (w * r), jac.T @ (w[:, None] * jac))
 
 
-def _cholesky(a, lam):
-    """Lower Cholesky factor of the damped, frozen matrix, or None if not positive definite."""
+def _cholesky(a, lam, held=None):
+    """Lower Cholesky factor of the damped, frozen matrix, or None if not positive definite.
+
+    ``held`` (n,) bool: sources whose positions are frozen (held at the bound)."""
     diag = np.diag(a).copy()
-    free = diag > 0
+    free = _free(a, held)
     m = np.where(free[:, None] & free[None, :], a, 0.0)
     np.fill_diagonal(m, np.where(free, diag * (1.0 + lam), 1.0))
     try:
@@ -135,17 +150,48 @@ def _cholesky(a, lam):
     return chol
 
 
-def _step(a, b, lam):
-    chol = _cholesky(a, lam)
+def _free(a, held):
+    free = np.diag(a) > 0
+    if held is not None:
+        free = free & ~np.repeat(held, 3) | (np.arange(free.size) % 3 == 0) & free
+    return free
+
+
+def _step(a, b, lam, held=None):
+    chol = _cholesky(a, lam, held)
     if chol is None:
         return None
-    rhs = np.where(np.diag(a) > 0, b, 0.0)
+    rhs = np.where(_free(a, held), b, 0.0)
     return np.linalg.solve(chol.T, np.linalg.solve(chol, rhs))
 
 
-def _fit_one(d, w, fi, px, py, maps, psf, fscale, init, max_iter, tol, chi_r2):
+def _held(par, init, a, b, max_shift):
+    """(n,) bool: sources at the bound whose unconstrained Gauss-Newton step points out."""
+    d = par[:, 1:] - init[:, 1:]
+    at = (d**2).sum(1) >= max_shift**2 * MOVED_FRACTION2
+    if not at.any():
+        return at
+    step = _step(a, b, 0.0)
+    if step is None:
+        return at
+    return at & ((step.reshape(-1, 3)[:, 1:] * d).sum(1) > 0)
+
+
+def _bound(par, init, max_shift):
+    """par (n, 3) with each (u, v) projected onto the disc of radius max_shift about init."""
+    d = par[:, 1:] - init[:, 1:]
+    r = np.hypot(d[:, 0], d[:, 1])
+    scale = np.where(r > max_shift, max_shift / np.where(r > 0, r, 1.0), 1.0)
+    out = par.copy()
+    out[:, 1:] = init[:, 1:] + d * scale[:, None]
+    return out
+
+
+def _fit_one(d, w, fi, px, py, maps, psf, fscale, init, max_iter, tol, chi_r2, max_shift):
     """The LM schedule for one group; returns (par (n, 3), best pass, passes, status)."""
     n = init.shape[0]
+    x0, y0 = _positions(maps, init[:, 1], init[:, 2])
+    orders = quadrature_order(px[:, None] - x0[fi], py[:, None] - y0[fi])  # fixed for the fit
     trial = init.copy()
     lam = LAMBDA_START
     passes = 0
@@ -153,7 +199,7 @@ def _fit_one(d, w, fi, px, py, maps, psf, fscale, init, max_iter, tol, chi_r2):
     best = None
     par = trial
     while True:
-        cur = _pass(d, w, fi, px, py, maps, psf, fscale, trial, chi_r2)
+        cur = _pass(d, w, fi, px, py, maps, psf, fscale, trial, orders, chi_r2)
         if passes == 0 or cur[0] < best[0]:
             best, par = cur, trial
             if passes > 0:
@@ -165,19 +211,21 @@ def _fit_one(d, w, fi, px, py, maps, psf, fscale, init, max_iter, tol, chi_r2):
             return par, best, passes, status
         a, b = best[4], best[3]
         diag = np.diag(a)
-        delta = _step(a, b, 0.0)
+        held = _held(par, init, a, b, max_shift)
+        delta = _step(a, b, 0.0, held)
         if delta is not None:
+            delta = (_bound(par + delta.reshape(n, 3), init, max_shift) - par).ravel()
             cond = np.where(diag > 0, np.abs(delta) * np.sqrt(np.where(diag > 0, diag, 1.0)),
                             0.0)
             if np.all(cond <= tol):
                 return par + delta.reshape(n, 3), best, passes, status
         if passes - 1 >= max_iter:
             return par, best, passes, status | STATUS_NOT_CONVERGED
-        while (delta := _step(a, b, lam)) is None:
+        while (delta := _step(a, b, lam, held)) is None:
             lam *= 10.0
             if lam > LAMBDA_MAX:
                 return par, best, passes, status | STATUS_SINGULAR
-        trial = par + delta.reshape(n, 3)
+        trial = _bound(par + delta.reshape(n, 3), init, max_shift)
 
 
 def fit_psf_groups(stamps, weights, maps, psf, fscale, init, nsrc, max_iter, tol, chi_radius,
@@ -202,7 +250,7 @@ def fit_psf_groups(stamps, weights, maps, psf, fscale, init, nsrc, max_iter, tol
         n = int(nsrc[g])
         par, best, passes, group = _fit_one(
             d_all[use], w_all[use], fi, px.astype(np.float64), py.astype(np.float64),
-            maps[g], psf[g], fscale[g], init[g, :n].copy(), max_iter, tol, chi_r2)
+            maps[g], psf[g], fscale[g], init[g, :n].copy(), max_iter, tol, chi_r2, max_shift)
         niter[g] = max(passes - 1, 0)
         if n == 0:
             continue
@@ -227,6 +275,6 @@ def fit_psf_groups(stamps, weights, maps, psf, fscale, init, nsrc, max_iter, tol
         flags |= np.where((diag.reshape(n, 3) > 0).all(1), 0, STATUS_NO_DATA)
         flags |= np.where(par[:, 0] > 0, 0, STATUS_NONPOSITIVE_FLUX)
         shift2 = (par[:, 1] - init[g, :n, 1]) ** 2 + (par[:, 2] - init[g, :n, 2]) ** 2
-        flags |= np.where(shift2 <= max_shift**2, 0, STATUS_MOVED)
+        flags |= np.where(shift2 < max_shift**2 * MOVED_FRACTION2, 0, STATUS_MOVED)
         status[g, :n] = flags
     return params, errors, chi2, npix, niter, status
