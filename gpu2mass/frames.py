@@ -193,48 +193,25 @@ def illumination_blocks(nframes: int, block_frames: int, stride_frames: int):
 
 
 def _frame_quantiles(xp: types.ModuleType, values, usable, qs, what: str):
-    """Quantiles ``qs`` of each frame's usable pixels, linear interpolation (float64).
+    """Quantiles ``qs`` of each frame's usable pixels, linear interpolation (float64), as a
+    list of (n,) arrays; like ``numpy.quantile`` (:func:`gpu2mass.kernels.robust.frame_quantiles`)."""
+    from gpu2mass.kernels.robust import frame_quantiles
 
-    Unusable pixels are set to +inf and sorted to the end; each frame's quantile is
-    interpolated between the sorted usable values, like ``numpy.quantile``.
-    """
-    n = values.shape[0]
-    flat = xp.where(usable, values, xp.float32(np.inf)).reshape(n, -1)
-    flat = xp.sort(flat, axis=1)
-    count = usable.reshape(n, -1).sum(axis=1)
-    if bool(xp.any(count == 0)):
-        empty = int(xp.nonzero(count == 0)[0][0])
-        raise StepError(f"{what} frame {empty} has no usable pixel (all masked): "
-                        "cannot measure its sky level")
-    out = []
-    last = (count - 1).astype(xp.float64)
-    for q in qs:
-        pos = q * last
-        lo = xp.floor(pos).astype(xp.int64)
-        hi = xp.minimum(lo + 1, count - 1)
-        frac = pos - lo
-        a = xp.take_along_axis(flat, lo[:, None], axis=1)[:, 0].astype(xp.float64)
-        b = xp.take_along_axis(flat, hi[:, None], axis=1)[:, 0].astype(xp.float64)
-        out.append(a + frac * (b - a))
-    return out
+    out = frame_quantiles(values, usable, qs)
+    empty = xp.isnan(out[0])
+    if bool(xp.any(empty)):
+        raise StepError(f"{what} frame {int(xp.nonzero(empty)[0][0])} has no usable pixel "
+                        "(all masked): cannot measure its sky level")
+    return list(out)
 
 
 def _trimmed_mean(xp: types.ModuleType, stack, usable, trim: float):
     """Per-pixel mean over axis 0 of the usable values after trimming ``trim`` of them
-    from each end (``floor(trim · count)``); 0 where a pixel has no usable value."""
-    n = stack.shape[0]
-    s = xp.sort(xp.where(usable, stack, xp.float32(np.inf)), axis=0)
-    count = usable.sum(axis=0)
-    k = xp.floor(trim * count).astype(xp.int64)
-    # Prefix sums; only prefixes up to ``count`` (all usable, finite values) are used, so
-    # the +inf of unusable values at the end of each sorted column never enters a result.
-    cs = xp.cumsum(s, axis=0, dtype=xp.float64)
-    cs = xp.concatenate([xp.zeros((1,) + s.shape[1:], dtype=xp.float64), cs], axis=0)
-    hi = xp.minimum(count - k, n)
-    total = (xp.take_along_axis(cs, hi[None], axis=0)[0]
-             - xp.take_along_axis(cs, k[None], axis=0)[0])
-    kept = count - 2 * k
-    return xp.where(kept > 0, total / xp.maximum(kept, 1), 0.0).astype(xp.float32)
+    from each end (``floor(trim · count)``); 0 where a pixel has no usable value
+    (:func:`gpu2mass.kernels.robust.trimmed_mean`)."""
+    from gpu2mass.kernels.robust import trimmed_mean
+
+    return trimmed_mean(stack, usable, trim)
 
 
 def _process_read(xp, values, mask, unusable: int, config: FrameConfig, starts, block, what):
@@ -338,11 +315,11 @@ def pixel_noise(frames, mask):
     good = mask == 0
     pair = good[:, :, 1:] & good[:, :, :-1]
     diff = frames[:, :, 1:] - frames[:, :, :-1]
-    out = xp.empty(frames.shape[0], dtype=xp.float64)
-    for f in range(frames.shape[0]):
-        d = diff[f][pair[f]]
-        if d.size < 100:
-            raise StepError(f"frame {f}: fewer than 100 usable neighbour pairs to measure its noise")
-        lo, hi = xp.percentile(d, xp.asarray([15.87, 84.13]))
-        out[f] = (hi - lo) / 2 / np.sqrt(2.0)
-    return out
+    few = pair.reshape(pair.shape[0], -1).sum(axis=1) < 100
+    if bool(xp.any(few)):
+        f = int(xp.nonzero(few)[0][0])
+        raise StepError(f"frame {f}: fewer than 100 usable neighbour pairs to measure its noise")
+    from gpu2mass.kernels.robust import frame_quantiles
+
+    lo, hi = frame_quantiles(diff, pair, NOISE_QUANTILES)
+    return (hi - lo) / 2 / np.sqrt(2.0)

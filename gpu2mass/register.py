@@ -220,6 +220,8 @@ def run_register(detections, *, commanded_ra, commanded_dec, reference: Referenc
     stats = (0, 0, np.nan, np.nan)
     cov_diag = np.full(2 * n, np.nan)
 
+    ref_order = np.argsort(reference.dec, kind="stable")
+    ref_dec_sorted = np.asarray(reference.dec)[ref_order]
     for it in range(cfg.iterations):
         radius = cfg.match_radius_arcsec * (2.5 if it == 0 else 1.0)
         up = u + B @ c[0]
@@ -241,19 +243,23 @@ def run_register(detections, *, commanded_ra, commanded_dec, reference: Referenc
             if idx.size == 0:
                 continue
             tree = cKDTree(np.column_stack([xi[idx], eta[idx]]))
-            # Reference stars, in this frame's plane.
-            xr, er = tan_project(reference.ra, reference.dec, cen_ra[f], cen_dec[f])
+            # Reference stars, in this frame's plane: only those in its Dec band are
+            # projected (a scan's catalog holds thousands; a frame sees tens).
             half = 1.45 * 128 * a + radius
-            near = np.flatnonzero((np.abs(xr) < half) & (np.abs(er) < half))
+            lo, hi = np.searchsorted(ref_dec_sorted, cen_dec[f] + np.array([-1.0, 1.0]) * 1.5 * half / 3600.0)
+            band_idx = ref_order[lo:hi]
+            xr, er = tan_project(reference.ra[band_idx], reference.dec[band_idx], cen_ra[f], cen_dec[f])
+            inside = (np.abs(xr) < half) & (np.abs(er) < half)
+            near, xr, er = band_idx[inside], xr[inside], er[inside]
             if near.size:
-                dist, k = tree.query(np.column_stack([xr[near], er[near]]), distance_upper_bound=radius)
+                dist, k = tree.query(np.column_stack([xr, er]), distance_upper_bound=radius)
                 ok = np.isfinite(dist)
                 d = idx[k[ok]]
                 d1s.append(d)
                 d2s.append(np.full(d.size, -1))
                 f1s.append(np.full(d.size, f))
                 f2s.append(np.full(d.size, -1))
-                res_l.append(np.column_stack([xr[near][ok] - xi[d], er[near][ok] - eta[d]]))
+                res_l.append(np.column_stack([xr[ok] - xi[d], er[ok] - eta[d]]))
                 w_l.append(1.0 / (sig[d] ** 2 + ref_xy_err[near][ok] ** 2))
             # Later frames' detections, in this frame's plane: residual 0 − (pos_f − pos_g).
             for g in range(f + 1, min(n, f + cfg.max_frame_gap + 1)):
