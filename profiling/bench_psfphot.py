@@ -38,8 +38,8 @@ import platform
 import time
 
 import numpy as np
-
 from gpu2mass.kernels.psffit import fit_psf_groups
+
 from gpu2mass.sim.psfgroups import make_psf_groups
 
 ALPHA = 1.15  # px: FWHM 1.3 px = 2.6" at beta 2.5
@@ -48,9 +48,8 @@ OVERSAMPLE = 8
 
 
 def _image_psf():
-    from photutils.psf import ImagePSF
-
     from gpu2mass.kernels.reference.psf import moffat_pixel_integral
+    from photutils.psf import ImagePSF
 
     half = 7
     n = 2 * half * OVERSAMPLE + 1

@@ -36,6 +36,7 @@ from gpu2mass.kernels.scalar.psffit import (
     STATUS_NOT_CONVERGED,
     moffat_pixel_gradient,
 )
+
 from gpu2mass.sim.psfgroups import make_psf_groups
 
 
@@ -148,7 +149,7 @@ def test_high_snr_flux_bias_below_two_permille(rng):
 
 def _one_at_a_time(inputs, radius=2.0):
     """Each source of each group fitted alone on its own 2 px data region."""
-    g_count, k = inputs["init"].shape[:2]
+    g_count = inputs["init"].shape[0]
     s = inputs["stamps"].shape[-1]
     yy, xx = np.mgrid[:s, :s]
     rows = [(g, j) for g in range(g_count) for j in range(inputs["nsrc"][g])]
@@ -193,8 +194,8 @@ def test_blends_fitted_jointly_beat_one_at_a_time(rng, n):
 
 
 def test_masked_pixels_are_never_used(rng):
-    inputs, truth = make_psf_groups(rng, 40, nsrc=np.arange(40) % 3 + 1, snr=(20, 500),
-                                    mask_fraction=0.15)
+    inputs, _ = make_psf_groups(rng, 40, nsrc=np.arange(40) % 3 + 1, snr=(20, 500),
+                                mask_fraction=0.15)
     clean = fit_psf_groups(**inputs)
     dirty = dict(inputs)
     stamps = inputs["stamps"].copy()

@@ -21,6 +21,7 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
 
 from gpu2mass.kernels.psffit import PARITY_ATOL_POS, PARITY_RTOL, fit_psf_groups
 from gpu2mass.kernels.scalar.psffit import STATUS_NO_DATA, accumulate_group
+
 from gpu2mass.sim.psfgroups import make_psf_groups
 
 

@@ -25,6 +25,7 @@ if not _USABLE:
 
 import cupy as cp
 from gpu2mass.kernels.psffit import PARITY_ATOL_POS, PARITY_RTOL, fit_psf_groups
+
 from gpu2mass.sim.psfgroups import make_psf_groups
 
 
