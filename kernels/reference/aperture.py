@@ -12,6 +12,7 @@ import math
 import numpy as np
 from gpu2mass.kernels.scalar.aperture import (
     FLAG_EDGE,
+    FLAG_FILLED,
     FLAG_INCOMPLETE,
     FLAG_MASKED_NEAR,
     FLAG_OFF_FRAME,
@@ -76,8 +77,16 @@ def aperture_photometry(frames, mask, fi, xs, ys, radii, r_in, r_out, guard, tri
         gy, gx = np.mgrid[cy - half:cy + half + 1, cx - half:cx + half + 1]
         inside = (gx >= 0) & (gx < nx) & (gy >= 0) & (gy < ny)
         cgx, cgy = np.clip(gx, 0, nx - 1), np.clip(gy, 0, ny - 1)
-        ok = inside & good[cgy, cgx]
-        vals = np.where(ok, img[cgy, cgx] - sky[i], 0.0)
+        direct = inside & good[cgy, cgx]
+        # Unusable pixels: the pixel nearest to their mirror image through (x, y).
+        mx = np.floor(2 * x - gx + 0.5).astype(int)
+        my = np.floor(2 * y - gy + 0.5).astype(int)
+        m_in = (mx >= 0) & (mx < nx) & (my >= 0) & (my < ny)
+        cmx, cmy = np.clip(mx, 0, nx - 1), np.clip(my, 0, ny - 1)
+        mirror = ~direct & m_in & good[cmy, cmx]
+        ok = direct | mirror
+        vals = np.where(direct, img[cgy, cgx], np.where(mirror, img[cmy, cmx], 0.0)) - sky[i]
+        vals = np.where(ok, vals, 0.0)
         g = overlap_grid(x, y, guard, half) > 0
         if (g & ~inside).any():
             flag |= FLAG_EDGE
@@ -88,6 +97,8 @@ def aperture_photometry(frames, mask, fi, xs, ys, radii, r_in, r_out, guard, tri
                 flag |= FLAG_SATURATED_NEAR
         for j, r in enumerate(radii):
             w = overlap_grid(x, y, float(r), half)
+            if (mirror & (w > 0)).any():
+                flag |= FLAG_FILLED
             flux[i, j] = (w * vals).sum()
             npix[i, j] = (w * ok).sum()
             if npix[i, j] < math.pi * r * r * (1 - 1e-9):

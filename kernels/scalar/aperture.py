@@ -12,8 +12,13 @@
 2. **Apertures.** For every radius, the sum over the pixels that overlap the circle of
    ``(value − sky) × area of the pixel inside the circle``, with the EXACT circle/square
    overlap area (:func:`pixel_overlap`, closed form: no sub-sampling, no interpolation), and
-   the total good area ``npix``. Masked, non-finite and off-frame pixels contribute neither
-   flux nor area, so ``npix < pi r**2`` says that an aperture is incomplete.
+   the total measured area ``npix``. A masked, non-finite or off-frame pixel is replaced by
+   the pixel nearest to its mirror image through the position (the point-symmetric
+   counterpart, as SExtractor's ``MASK_TYPE CORRECT``; :data:`FLAG_FILLED`); when that one
+   is unusable too, the pixel contributes neither flux nor area, so ``npix < pi r**2``
+   says that an aperture is incomplete. (A star's light is point-symmetric to within the
+   half-pixel of the nearest-pixel mirror; the guard circle keeps the steep core out of
+   this: a frame with a masked pixel there is excluded by the caller.)
 3. **Flags** (:data:`FLAG_BITS`): masked pixel overlapping the guard circle (2MASS: 4"),
    a saturated one (mask bit :data:`MASK_SATURATED`), guard circle over the frame edge,
    too few sky pixels, an incomplete aperture, position off the frame.
@@ -31,6 +36,7 @@ from gpu2mass.kernels._targets import scalar
 __all__ = [
     "FLAG_BITS",
     "FLAG_EDGE",
+    "FLAG_FILLED",
     "FLAG_INCOMPLETE",
     "FLAG_MASKED_NEAR",
     "FLAG_OFF_FRAME",
@@ -53,14 +59,16 @@ FLAG_SKY = 4
 FLAG_INCOMPLETE = 8
 FLAG_OFF_FRAME = 16
 FLAG_SATURATED_NEAR = 32
+FLAG_FILLED = 64
 #: Bit -> meaning of the per-position ``flags``.
 FLAG_BITS = {
     FLAG_MASKED_NEAR: "a masked pixel overlaps the guard circle (2MASS: within 4\")",
     FLAG_EDGE: "the guard circle crosses the frame edge (2MASS: centre < 4\" from the edge)",
     FLAG_SKY: "fewer than min_sky usable sky-annulus pixels (none: sky and fluxes NaN)",
-    FLAG_INCOMPLETE: "some aperture lost area to masked, non-finite or off-frame pixels",
+    FLAG_INCOMPLETE: "some aperture lost area to unusable pixels whose mirror is unusable",
     FLAG_OFF_FRAME: "position not finite or outside the frame: nothing measured (NaN)",
     FLAG_SATURATED_NEAR: "a pixel with mask bit MASK_SATURATED overlaps the guard circle",
+    FLAG_FILLED: "unusable aperture pixels were replaced by their mirror pixels",
 }
 #: Mask bit marking a saturated pixel (any non-zero mask value is unusable; this bit also
 #: sets FLAG_SATURATED_NEAR when it lies in the guard circle).
@@ -270,6 +278,7 @@ def measure_position(frames, mask, k, x, y, radii, r_in, r_out, guard, trim, min
 
     # -- apertures: exact overlap areas ---------------------------------------------------
     rmax = max(radii[nr - 1], guard)
+    rap2 = radii[nr - 1] * radii[nr - 1]
     g2 = guard * guard
     ya = int(math.floor(y - rmax - 0.5))
     yb = int(math.ceil(y + rmax + 0.5))
@@ -299,7 +308,16 @@ def measure_position(frames, mask, k, x, y, radii, r_in, r_out, guard, trim, min
             elif dn2 < g2:
                 flag |= FLAG_EDGE
             if bad:
-                continue
+                # The pixel nearest to the mirror image of this one through (x, y).
+                mx = int(math.floor(2.0 * x - xx + 0.5))
+                my = int(math.floor(2.0 * y - yy + 0.5))
+                if my < 0 or my >= ny or mx < 0 or mx >= nx or mask[m, my, mx] != 0:
+                    continue
+                v = float(frames[k, my, mx])
+                if not math.isfinite(v):
+                    continue
+                if dn2 < rap2:
+                    flag |= FLAG_FILLED
             v -= sky
             for j in range(nr):
                 r = radii[j]
