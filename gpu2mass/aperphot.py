@@ -66,6 +66,7 @@ results come back to the host for the per-source combination (a few numbers per 
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass, fields
@@ -202,7 +203,7 @@ class AperPhotConfig:
     def __post_init__(self):
         r = tuple(float(v) for v in self.radii_arcsec)
         if not r or not all(math.isfinite(v) and v > 0 for v in r) or any(
-                b <= a for a, b in zip(r, r[1:], strict=False)):
+                b <= a for a, b in itertools.pairwise(r)):
             raise ConfigError(f"aperphot.radii_arcsec = {self.radii_arcsec!r}: need positive, "
                               "strictly increasing radii")
         object.__setattr__(self, "radii_arcsec", r)
@@ -326,8 +327,9 @@ def _measure(frames, mask, noise, geometry, ra, dec, saturated, radii_arcsec, co
         var = var + np.maximum(np.nan_to_num(flux), 0.0) / config.gain_e_per_dn
     measured = ((kflags & _EXCLUDE) == 0) & np.all(np.isfinite(flux), axis=1)
     complete = npix >= np.pi * radii_px**2 * (1.0 - 1e-9)
-    return dict(src=src, frm=frm, x=x, y=y, flux=flux, var=var, sky=sky, kflags=kflags,
-                measured=measured, complete=complete, nsrc=ra.size, ra=ra, dec=dec)
+    return {"src": src, "frm": frm, "x": x, "y": y, "flux": flux, "var": var, "sky": sky,
+            "kflags": kflags, "measured": measured, "complete": complete, "nsrc": ra.size,
+            "ra": ra, "dec": dec}
 
 
 def _combine(meas, config, std_index, columns_prefix=""):
@@ -639,7 +641,7 @@ def fit_curve_of_growth(phot: Table, *, config: AperPhotConfig = AperPhotConfig(
         for j in range(nr):
             if j == si:
                 continue
-            curve[b, j], cerr[b, j], n_used = _weighted_clipped_mean(ratio[sel, j], rerr[sel, j],
+            curve[b, j], cerr[b, j], _ = _weighted_clipped_mean(ratio[sel, j], rerr[sel, j],
                                                                      config.cog_clip)
         nst[b] = int(sel.sum())
         fit_err = np.where(cerr[b] > 0, cerr[b], 1e-4)

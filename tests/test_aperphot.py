@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from _frames import simple_scan
 from astropy.io import fits
+from gpu2mass.kernels.aperture import aperture_photometry
 
 from gpu2mass.aperphot import (
     FLAG_NONE_MEASURED,
@@ -31,7 +32,6 @@ from gpu2mass.aperphot import (
 from gpu2mass.errors import ConfigError, InputError, StepError
 from gpu2mass.geometry import tan_project
 from gpu2mass.io import rawformat as rf
-from gpu2mass.kernels.aperture import aperture_photometry
 
 R1_INJECT = tuple(np.round(np.linspace(5.5, 7.6, 22), 2))
 COG_INJECT = tuple(np.round(np.linspace(8.6, 10.6, 16), 2))
@@ -102,8 +102,8 @@ def _band(night_dir: Path, band: str):
     std = apply_curve_of_growth(phot, cog, config=cfg)
     r1p = run_r1_photometry(r1, mask=sc.bad, saturated=sat1, noise=r1_noise,
                             geometry=sc.geometry, phot=phot, cog=cog, config=cfg)
-    out = dict(sc=sc, sel=sel, mag=mag[sel], cfg=cfg, phot=phot, cog=cog, std=std, r1=r1p,
-               sat2=sat2)
+    out = {"sc": sc, "sel": sel, "mag": mag[sel], "cfg": cfg, "phot": phot, "cog": cog,
+           "std": std, "r1": r1p, "sat2": sat2}
     _CACHE[key] = out
     return out
 
@@ -196,6 +196,7 @@ def test_curve_of_growth_matches_the_true_psf(night, band):
     """The correction agrees with the simulator's PSF: a Moffat (beta 2.5) of the frames'
     true FWHM, measured noiselessly with the same apertures and annulus."""
     from gpu2mass.kernels import add_stamps, render_psf_stamps
+
     from gpu2mass.sim.psf import moffat_alpha, optical_fwhm
 
     b = _band(night, band)
@@ -255,7 +256,7 @@ def test_r1_photometry_of_r2_saturated_stars(night, band):
 
 def test_ndet_counts_frames(night):
     b = _band(night, "K")
-    phot, sc, mag = b["phot"], b["sc"], b["mag"]
+    phot, mag = b["phot"], b["mag"]
     n_meas = np.asarray(phot["n_meas"])
     n_det = np.asarray(phot["n_det"])
     nd = np.asarray(phot["ndet"])
@@ -343,7 +344,7 @@ def test_trimmed_mean_variance_factor():
     rng = np.random.default_rng(1)
     v = np.sort(rng.standard_normal((20000, 101)), axis=1)
     for trim in (0.0, 0.1, 0.2, 0.3):
-        lo = int(math.floor(trim * 101))
+        lo = math.floor(trim * 101)
         est = v[:, lo : 101 - lo].mean(1)
         assert np.var(est) * 101 == pytest.approx(trimmed_mean_variance_factor(trim), rel=0.05)
 

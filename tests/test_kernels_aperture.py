@@ -7,8 +7,6 @@ import math
 
 import numpy as np
 import pytest
-from photutils.geometry import circular_overlap_grid
-
 from gpu2mass.kernels import add_stamps, render_psf_stamps
 from gpu2mass.kernels.aperture import AperturePhotometry, aperture_photometry
 from gpu2mass.kernels.scalar.aperture import (
@@ -24,6 +22,7 @@ from gpu2mass.kernels.scalar.aperture import (
     pixel_overlap,
     trimmed_mean,
 )
+from photutils.geometry import circular_overlap_grid
 
 RADII = np.array([1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.0])
 
@@ -55,7 +54,7 @@ def test_pixel_overlap_is_exact():
     """Against photutils' exact circle/grid overlap, and the total against pi r^2."""
     compiled = pixel_overlap.compile("cpu")
     for x0, y0, r in ((0.0, 0.0, 2.0), (0.3, -0.27, 1.7), (0.49, 0.5, 7.0), (-0.11, 0.42, 0.3)):
-        half = int(math.ceil(r)) + 1
+        half = math.ceil(r) + 1
         n = 2 * half + 1
         want = circular_overlap_grid(-half - 0.5 - x0, half + 0.5 - x0, -half - 0.5 - y0,
                                      half + 0.5 - y0, n, n, r, 1, 1)

@@ -40,7 +40,7 @@ def _sky(values, trim):
     n = v.size
     if n == 0:
         return math.nan, math.nan
-    lo = int(math.floor(trim * n))
+    lo = math.floor(trim * n)
     sky = float(np.median(v)) if n - 2 * lo < 1 else float(v[lo:n - lo].mean())
     q = np.quantile(v, [0.15865525393145707, 0.8413447460685429])
     return sky, float(0.5 * (q[1] - q[0]))
@@ -49,7 +49,7 @@ def _sky(values, trim):
 def aperture_photometry(frames, mask, fi, xs, ys, radii, r_in, r_out, guard, trim, min_sky):
     """Reference of :func:`gpu2mass.kernels.aperture.aperture_photometry`; same returns."""
     m, nr = fi.shape[0], radii.shape[0]
-    n, ny, nx = frames.shape
+    ny, nx = frames.shape[1:]
     flux = np.zeros((m, nr))
     npix = np.zeros((m, nr))
     sky = np.full(m, np.nan)
@@ -72,7 +72,7 @@ def aperture_photometry(frames, mask, fi, xs, ys, radii, r_in, r_out, guard, tri
         nsky[i] = int(ann.sum())
         flag = FLAG_SKY if nsky[i] < min_sky else 0
         # Pixel (ix, iy) -> grid cell; the grid spans every pixel the largest circle reaches.
-        half = int(math.ceil(max(radii[-1], guard))) + 2
+        half = math.ceil(max(radii[-1], guard)) + 2
         cx, cy = round(x), round(y)
         gy, gx = np.mgrid[cy - half:cy + half + 1, cx - half:cx + half + 1]
         inside = (gx >= 0) & (gx < nx) & (gy >= 0) & (gy < ny)

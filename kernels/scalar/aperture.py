@@ -29,6 +29,8 @@ Everything is computed in float64.
 
 from __future__ import annotations
 
+# int(math.floor(...)): an integer on every target (the CUDA simulator runs this as Python).
+# ruff: noqa: RUF046
 import math
 
 from gpu2mass.kernels._targets import scalar
@@ -151,12 +153,8 @@ def trimmed_mean(buf, n, trim):
 @scalar
 def _segment_integral(x, r):
     """∫_0^x sqrt(r² − t²) dt for 0 <= x <= r."""
-    q = r * r - x * x
-    if q < 0.0:
-        q = 0.0
-    u = x / r
-    if u > 1.0:
-        u = 1.0
+    q = max(r * r - x * x, 0.0)
+    u = min(x / r, 1.0)
     return 0.5 * (x * math.sqrt(q) + r * r * math.asin(u))
 
 
@@ -173,9 +171,7 @@ def circle_quadrant_area(x, y, r):
     ay = min(abs(y), r)
     # Below Y = ay the disc reaches X = xc; up to there the column height is ay.
     q = r * r - ay * ay
-    xc = math.sqrt(q) if q > 0.0 else 0.0
-    if xc > ax:
-        xc = ax
+    xc = min(math.sqrt(q) if q > 0.0 else 0.0, ax)
     return sx * sy * (ay * xc + _segment_integral(ax, r) - _segment_integral(xc, r))
 
 
