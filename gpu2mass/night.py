@@ -18,6 +18,7 @@ import resource
 import shutil
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -88,7 +89,7 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
                   outcome: ScanOutcome) -> dict:
     """All steps of one scan; returns the columns of its frames table."""
     from gpu2mass.atlas import plan_atlas_grids, run_atlas, write_atlas
-    from gpu2mass.framedet import run_frame_detection
+    from gpu2mass.framedet import FrameDetWarning, run_frame_detection
     from gpu2mass.frames import pixel_noise, run_calibrate_frames
     from gpu2mass.refcat import load_reference_stars
     from gpu2mass.register import run_register
@@ -101,7 +102,8 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
     scan = night.load_scan(info.number)
     per_band = {}
     table = {k: [] for k in ("band", "frame", "mjd", "ra", "dec", "ra_cmd", "dec_cmd", "offset_xi_arcsec",
-                             "offset_eta_arcsec", "rot_deg", "scale_arcsec", "sky_dn", "noise_dn", "airmass")}
+                             "offset_eta_arcsec", "rot_deg", "scale_arcsec", "sky_dn", "noise_dn", "airmass",
+                             "seeing_arcsec", "zp_mag", "n_det", "n_det_r1")}
     for band in inst.bands:
         sb = scan[band]
         with timer("read"):
@@ -120,6 +122,12 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
                                        badpix=calib["badpix"], config=cfg.frames)
         with timer("framedet"):
             det = run_frame_detection(cal.r2r1, mask=cal.mask_r2r1, noise=cal.noise_r2r1, config=cfg.framedet)
+            # R1 (51 ms) frames hold only the bright stars, too few to measure the seeing:
+            # the R2−R1 frames' seeing is used. Frames without any detection are normal there.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FrameDetWarning)
+                det_r1 = run_frame_detection(cal.r1, mask=cal.mask_r1, noise=cal.noise_r1,
+                                             seeing_fwhm=det.meta["seeing_fwhm"], config=cfg.framedet)
         frames = sb.frames
         with timer("register"):
             pad = 0.25
@@ -134,7 +142,7 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
         with timer("transients"):
             tr = run_transients(det, geometry=reg.geometry, band=band, nframes=info.nframes,
                                 config=cfg.transients)
-        per_band[band] = (cal, reg, tr, det)
+        per_band[band] = (cal, reg, tr, det, det_r1)
         n = info.nframes
         table["band"] += [band] * n
         table["frame"].append(np.arange(n))
@@ -150,9 +158,15 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
         table["sky_dn"].append(backend.to_host(cal.sky_r2r1))
         table["noise_dn"].append(backend.to_host(cal.noise_r2r1))
         table["airmass"].append(frames["AIRMASS"])
+        # Seeing as 2MASS quoted it: the FWHM of stars as the 2" pixels sample them.
+        table["seeing_arcsec"].append(sampled_fwhm_table(np.asarray(det.meta["seeing_fwhm"]),
+                                                         scale=reg.geometry.band.scale_arcsec))
+        table["zp_mag"].append(np.full(n, cfg.transients.zero_point[band]))  # instrumental
+        table["n_det"].append(np.bincount(np.asarray(det["frame"], np.int64), minlength=n))
+        table["n_det_r1"].append(np.bincount(np.asarray(det_r1["frame"], np.int64), minlength=n))
     with timer("atlas"):
         grids = plan_atlas_grids({b: per_band[b][1].geometry for b in per_band}, config=cfg.atlas)
-        for band, (cal, reg, tr, det) in per_band.items():
+        for band, (cal, reg, tr, det, _det_r1) in per_band.items():
             mask = (cal.mask_r2r1 != 0) | xp.asarray(tr.mask)
             noise = pixel_noise(cal.r2r1, mask)
             seeing = float(np.median(sampled_fwhm_table(np.asarray(det.meta["seeing_fwhm"]),

@@ -5,7 +5,8 @@ Public function -> dispatcher -> core (STYLE.md habit 1), like
 :mod:`gpu2mass.kernels.cpu.coadd`), ``"cuda"`` (one thread per pixel,
 :mod:`gpu2mass.kernels.cuda.coadd`), ``"reference"`` (NumPy,
 :mod:`gpu2mass.kernels.reference.coadd`). The per-pixel math, including the rejection rule,
-is :func:`gpu2mass.kernels.scalar.coadd.combine_pixel`. Work in float64, results float32;
+is :mod:`gpu2mass.kernels.scalar.coadd` (two passes: find each pixel's outlier frame, then
+combine without the outliers found around each pixel). Work in float64, results float32;
 the three agree to float32 rounding (tests: rtol 1e-5; counts and rejections exactly, away
 from ties at the threshold).
 """
@@ -24,8 +25,8 @@ COADD_TARGETS = CALL_TARGETS
 
 
 def combine_frames(vals, vfac, offsets, weights, *, reject_sigma=5.0, reject_fraction=1.0,
-                   min_frames=2, target=None):
-    """Weighted mean of resampled frames per output pixel, highest outlier rejected.
+                   min_frames=2, grow=1, target=None):
+    """Weighted mean of resampled frames per output pixel, single-frame outliers left out.
 
     Parameters
     ----------
@@ -37,18 +38,18 @@ def combine_frames(vals, vfac, offsets, weights, *, reject_sigma=5.0, reject_fra
         float (n,): background offset of each frame, DN per output pixel (subtracted).
     weights
         float (n,): weight of each frame, 1/σ² with σ its per-pixel noise (DN), > 0.
-    reject_sigma, reject_fraction, min_frames
-        Outlier rejection (:mod:`gpu2mass.kernels.scalar.coadd`); ``reject_sigma = 0``
+    reject_sigma, reject_fraction, min_frames, grow
+        Outlier rejection (:mod:`gpu2mass.kernels.scalar.coadd`): a frame that is the
+        outlier at a pixel is left out within ``grow`` pixels of it; ``reject_sigma = 0``
         turns it off.
     target
         ``"cpu"``, ``"cuda"``, ``"reference"`` or None (from the arrays' namespace).
 
     Returns
     -------
-    data, sigma, count, rejected
-        (H, W), same namespace as ``vals``: mean (float32, NaN where nothing contributes),
-        its noise (float32, DN), frames kept (int32), 1 where a contribution was rejected
-        (uint8).
+    data, sigma, count, dropped
+        (H, W), same namespace as ``vals``: mean (float32, NaN where nothing is left), its
+        noise (float32, DN), frames kept (int32), contributing frames left out (uint8).
     """
     xp = get_namespace(vals, vfac)
     target = resolve_target(xp, target)
@@ -64,9 +65,10 @@ def combine_frames(vals, vfac, offsets, weights, *, reject_sigma=5.0, reject_fra
         raise ValueError(f"offsets and weights must be ({n},), got {offsets.shape}, {weights.shape}")
     if not bool(xp.all(weights > 0)):
         raise ValueError("weights must be > 0")
-    if reject_sigma < 0 or reject_fraction < 0 or min_frames < 2:
-        raise ValueError("reject_sigma and reject_fraction must be >= 0 and min_frames >= 2")
-    args = (float(reject_sigma), float(reject_fraction), int(min_frames))
+    if reject_sigma < 0 or reject_fraction < 0 or min_frames < 2 or grow < 0:
+        raise ValueError("reject_sigma, reject_fraction and grow must be >= 0 and "
+                         "min_frames >= 2")
+    args = (float(reject_sigma), float(reject_fraction), int(min_frames), int(grow))
     if target == "cpu":
         from gpu2mass.kernels.cpu.coadd import combine_frames as core
 
@@ -82,12 +84,14 @@ def combine_frames(vals, vfac, offsets, weights, *, reject_sigma=5.0, reject_fra
     if xp.__name__ == "cupy":
         from gpu2mass.kernels.resample import _cupy_stream
 
-        outs = (xp.empty((h, w), xp.float32), xp.empty((h, w), xp.float32),
-                xp.empty((h, w), xp.int32), xp.empty((h, w), xp.uint8))
+        outs = (xp.empty((h, w), xp.int32), xp.empty((h, w), xp.float32),
+                xp.empty((h, w), xp.float32), xp.empty((h, w), xp.int32),
+                xp.empty((h, w), xp.uint8))
         views = [cuda.as_cuda_array(a, sync=False) for a in (vals, vfac, offsets, weights, *outs)]
         core(*views[:4], *args, *views[4:], stream=_cupy_stream())
-        return outs
+        return outs[1:]
     d_in = [cuda.to_device(a) for a in (vals, vfac, offsets, weights)]
-    d_out = [cuda.device_array((h, w), dt) for dt in (np.float32, np.float32, np.int32, np.uint8)]
+    d_out = [cuda.device_array((h, w), dt)
+             for dt in (np.int32, np.float32, np.float32, np.int32, np.uint8)]
     core(*d_in, *args, *d_out)
-    return tuple(d.copy_to_host() for d in d_out)
+    return tuple(d.copy_to_host() for d in d_out[1:])

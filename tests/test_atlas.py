@@ -16,6 +16,7 @@ from gpu2mass.atlas import AtlasConfig, AtlasGrid, plan_atlas_grids, run_atlas, 
 from gpu2mass.errors import ConfigError, StepError
 from gpu2mass.geometry import BandGeometry, FrameGeometry
 from gpu2mass.sim.galaxy import moffat_alpha_from_fwhm, moffat_enclosed_fraction
+from gpu2mass.sim.psf import optical_fwhm
 
 BANDS = ("J", "H", "K")
 MAG = {"J": "j_m", "H": "h_m", "K": "k_m"}
@@ -132,9 +133,8 @@ def _bright_stars(scans, images):
     """(band, atlas flux, noise, truth flux, frame flux) of Ks 9-10 stars well inside images.
 
     The truth flux is 10^(-0.4 (m - zp)) with zp the mean of the contributing frames,
-    times the fraction of a Moffat beta=2.5 of the frames' mean FWHM within 14" (about
-    0.994: 0.55 % of the light lies beyond 14" at FWHM 2.85", more than the 0.3 % one might
-    assume). The frame flux is the same aperture measured on each contributing frame.
+    times the fraction of a Moffat beta=2.5 within 14" at the frames' mean optical FWHM
+    (about 0.996; the truth FWHM is the pixel-sampled one, larger). The frame flux is the same aperture measured on each contributing frame.
     """
     rows = []
     for b, s in scans.items():
@@ -151,7 +151,9 @@ def _bright_stars(scans, images):
                     continue
                 f, err = _aperture_flux(img, xi, yi)
                 zp = s.frames["zp_mag"][img.frames].mean()
-                fwhm = s.frames["fwhm_arcsec"][img.frames].mean()
+                # The truth FWHM is as sampled by the 2" pixels; the Moffat's own is less.
+                fwhm = optical_fwhm(s.frames["fwhm_arcsec"][img.frames].mean(),
+                                    scale=s.geometry.band.scale_arcsec, beta=PSF_BETA)
                 inside = moffat_enclosed_fraction(
                     APERTURE_ARCSEC, moffat_alpha_from_fwhm(fwhm, PSF_BETA), PSF_BETA)
                 truth = 10.0 ** (-0.4 * (m_all[i] - zp)) * inside
@@ -182,14 +184,12 @@ def test_flux_is_conserved(scans, images):
     ok = np.isfinite(frame)
     assert ok.sum() >= 6
     assert abs(np.median(f[ok] / frame[ok]) - 1.0) < 0.005
-    # Against the truth. Measured: median 1.008 over 12 star-images, scatter 1.3 %, 2.0x
-    # the expected noise (median expected error 0.55 %). The same aperture on the frames
-    # gives 1.003 on the 8 measurable there, and the stars that deviate most deviate alike
-    # on the frames (e.g. a Ks 9.86 star at +3 %): the excess comes from the data
-    # (neighbours, sky structure, simple_scan's calibration), not the resampling. The
-    # 0.5 % goal against truth is not met by this sample; held to 1 %.
+    # Against the truth. Measured: median 0.9997 over 12 star-images (Atlas/frames 0.9994).
+    # (An earlier 1.008 came from the truth model, not the data: it took the truth FWHM,
+    # which is the pixel-sampled one, as the Moffat's own, and so put too much light
+    # beyond 14".)
     ratio = f / truth
-    assert abs(np.median(ratio) - 1.0) < 0.01
+    assert abs(np.median(ratio) - 1.0) < 0.005
     assert np.std((ratio - 1.0) / (err / truth)) < 3.0
 
 

@@ -34,6 +34,12 @@ def test_cpu_matches_reference(rng, reject_sigma):
     got = combine_frames(vals, vfac, offsets, weights, reject_sigma=reject_sigma, target="cpu")
     want = combine_frames(vals, vfac, offsets, weights, reject_sigma=reject_sigma,
                           target="reference")
+    for grow in (0, 2):
+        g = combine_frames(vals, vfac, offsets, weights, reject_sigma=reject_sigma, grow=grow)
+        r = combine_frames(vals, vfac, offsets, weights, reject_sigma=reject_sigma, grow=grow,
+                           target="reference")
+        np.testing.assert_allclose(g[0], r[0], rtol=RTOL, atol=1e-5)
+        np.testing.assert_array_equal(g[3], r[3])
     assert got[0].dtype == np.float32 and got[2].dtype == np.int32 and got[3].dtype == np.uint8
     np.testing.assert_array_equal(np.isnan(got[0]), np.isnan(want[0]))
     np.testing.assert_allclose(got[0], want[0], rtol=RTOL, atol=1e-5)
@@ -74,7 +80,7 @@ def test_spikes_are_rejected_and_noise_is_not(rng):
     r, c = np.unravel_index(idx, (200, 200))
     amp = rng.uniform(6.0, 100.0, 400) * np.sqrt(1 + 1 / 5)
     vals[k, r, c] += (amp * sig_frame[k, r, c]).astype(np.float32)
-    data, sigma, count, rej = combine_frames(vals, vfac, offsets, weights)
+    data, sigma, count, rej = combine_frames(vals, vfac, offsets, weights, grow=0)
     ref, ref_sigma, *_ = combine_frames(clean, vfac, offsets, weights, reject_sigma=0.0)
     # Every spike above 6σ of (contribution vs the others' mean) is rejected, and the image
     # at those pixels is the mean of the others: within the noise of the clean mean.
@@ -85,6 +91,24 @@ def test_spikes_are_rejected_and_noise_is_not(rng):
     spare = np.ones((200, 200), bool)
     spare[r, c] = False
     assert rej[spare].mean() < 1e-4
+
+
+def test_outliers_are_left_out_around_where_they_were_found(rng):
+    """A one-pixel hit in a frame, spread over 3×3 output pixels by the kernel (centre 1,
+    edges 1/3, corners 1/9 of its amplitude): the centre fails the test, the faint edges
+    alone would not; with grow = 1 the whole footprint leaves that frame out."""
+    vals, vfac, offsets, weights = _stack(rng, shape=(20, 20), coverage=1.0)
+    vals[:, :3, :4] = 0.0
+    vals[1:, 5, 5] = 0.0
+    sig = float(np.sqrt(vfac[3, 10, 10] / weights[3]))
+    spread = np.outer([1 / 3, 1, 1 / 3], [1 / 3, 1, 1 / 3])
+    vals[3, 9:12, 9:12] += (12.0 * sig * spread).astype(np.float32)
+    _, _, count0, drop0 = combine_frames(vals, vfac, offsets, weights, grow=0)
+    _, _, count1, drop1 = combine_frames(vals, vfac, offsets, weights, grow=1)
+    assert drop0[10, 10] == 1 and drop0[9:12, 9:12].sum() < 9
+    assert np.all(drop1[9:12, 9:12] == 1) and np.all(count1[9:12, 9:12] == 5)
+    # Only around the hit.
+    assert drop1.sum() == 9 and drop1[8:13, 8:13].sum() == 9
 
 
 def test_bright_sources_that_vary_between_frames_are_kept(rng):
@@ -110,3 +134,5 @@ def test_bad_inputs(rng):
         combine_frames(vals, vfac, offsets[:2], weights)
     with pytest.raises(ValueError, match="min_frames"):
         combine_frames(vals, vfac, offsets, weights, min_frames=1)
+    with pytest.raises(ValueError, match="grow"):
+        combine_frames(vals, vfac, offsets, weights, grow=-1)

@@ -1,42 +1,54 @@
-"""CPU driver (Numba ``prange``) of the Atlas coadd: one iteration per output row.
+"""CPU driver (Numba ``prange``) of the Atlas coadd: two passes, one iteration per row.
 
 Takes plain, validated NumPy arrays; :mod:`gpu2mass.kernels.coadd` is the public entry. The
-per-pixel math is :func:`~gpu2mass.kernels.scalar.coadd.combine_pixel`, shared with CUDA.
+per-pixel math is :mod:`gpu2mass.kernels.scalar.coadd`, shared with CUDA.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from gpu2mass.kernels._targets import cpu_kernel
-from gpu2mass.kernels.scalar.coadd import combine_pixel
+from gpu2mass.kernels.scalar.coadd import combine_pixel, find_outlier
 from numba import prange
 
 __all__ = ["combine_frames"]
 
 
 @cpu_kernel(parallel=True)
-def _combine_kernel(vals, vfac, offsets, weights, reject_sigma, reject_fraction, min_frames,
-                    data, sigma, count, rejected):
+def _outlier_kernel(vals, vfac, offsets, weights, reject_sigma, reject_fraction, min_frames,
+                    outlier):
+    h = outlier.shape[0]
+    w = outlier.shape[1]
+    for r in prange(h):
+        for c in range(w):
+            outlier[r, c] = find_outlier(r, c, vals, vfac, offsets, weights, reject_sigma,
+                                         reject_fraction, min_frames)
+
+
+@cpu_kernel(parallel=True)
+def _combine_kernel(vals, vfac, offsets, weights, outlier, grow, data, sigma, count, dropped):
     h = data.shape[0]
     w = data.shape[1]
     for r in prange(h):
         for c in range(w):
-            m, s, n, j = combine_pixel(r, c, vals, vfac, offsets, weights, reject_sigma,
-                                       reject_fraction, min_frames)
+            m, s, n, j = combine_pixel(r, c, vals, vfac, offsets, weights, outlier, grow)
             data[r, c] = m
             sigma[r, c] = s
             count[r, c] = n
-            rejected[r, c] = j
+            dropped[r, c] = j
 
 
-def combine_frames(vals, vfac, offsets, weights, reject_sigma, reject_fraction, min_frames):
+def combine_frames(vals, vfac, offsets, weights, reject_sigma, reject_fraction, min_frames, grow):
     """Coadd on the CPU; see :func:`gpu2mass.kernels.coadd.combine_frames`."""
     h, w = vals.shape[1:]
+    outlier = np.empty((h, w), np.int32)
     data = np.empty((h, w), np.float32)
     sigma = np.empty((h, w), np.float32)
     count = np.empty((h, w), np.int32)
-    rejected = np.empty((h, w), np.uint8)
+    dropped = np.empty((h, w), np.uint8)
     if h * w:
-        _combine_kernel(vals, vfac, offsets, weights, float(reject_sigma), float(reject_fraction),
-                        int(min_frames), data, sigma, count, rejected)
-    return data, sigma, count, rejected
+        _outlier_kernel(vals, vfac, offsets, weights, float(reject_sigma), float(reject_fraction),
+                        int(min_frames), outlier)
+        _combine_kernel(vals, vfac, offsets, weights, outlier, int(grow), data, sigma, count,
+                        dropped)
+    return data, sigma, count, dropped
