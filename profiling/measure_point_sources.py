@@ -1,0 +1,241 @@
+"""Point sources of a processed simulated night against its truth (issue 4).
+
+Per band, over the science scans' ``pts.parquet`` rows and the truth sources (positions
+moved to the scan epoch by their proper motions):
+
+- completeness of isolated truth stars (no brighter truth source within 5") inside the
+  Atlas coverage, by magnitude, and the magnitudes where it falls below 99 % and 90 %;
+- reliability: the fraction of detections with SNR ≥ 10 and ``cc_flg`` 0 that lie within
+  2" of a truth source (stars, galaxies, asteroids) or of a truth artifact of a bright
+  star (spikes, persistence: real light on the frames);
+- photometry of unsaturated stars from the R2−R1 saturation limit to 2 mag above the 10σ
+  limit (J 9.0–13.8, H 8.5–13.1, Ks 8.0–12.3): median Δm, robust scatter, median ``cmsig``,
+  robust spread of Δm / cmsig; the same for ``rd_flg`` 1 (R1) and 3 (saturated in R1);
+- band merging: truth stars detected in all three bands whose detections ended up in one
+  row, and rows whose bands belong to different truth stars (false merges).
+
+Magnitudes are instrumental: compared through the truth zero points (Δm = m − (zp_inst −
+zp_truth) − m_true, zp_truth the mean truth zero point of the frames that hold the star).
+
+Run: ``python profiling/measure_point_sources.py NIGHT OUT [--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from scipy.spatial import cKDTree
+
+from gpu2mass.config import RunConfig
+from gpu2mass.geometry import frame_geometry_from_truth, tan_project
+
+BANDS = ("J", "H", "K")
+UNSAT = {"J": (9.0, 13.8), "H": (8.5, 13.1), "K": (8.0, 12.3)}
+LIMIT = {"J": 15.8, "H": 15.1, "K": 14.3}
+
+
+def _robust(x):
+    x = np.asarray(x, float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return np.nan, np.nan
+    med = np.median(x)
+    return float(med), float(1.4826 * np.median(np.abs(x - med)))
+
+
+def _completeness_mag(mags, found, level):
+    """Faintest magnitude bin edge (0.25 mag bins from bright) down to which every bin's
+    completeness is >= level."""
+    edges = np.arange(8.0, 18.01, 0.25)
+    last = np.nan
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        sel = (mags >= lo) & (mags < hi)
+        if sel.sum() < 5:
+            continue
+        if found[sel].mean() < level:
+            return last
+        last = hi
+    return last
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("night", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    manifest = json.loads((args.night / "night.json").read_text())
+    zp_inst = RunConfig.defaults().transients.zero_point
+    src = {k: np.asarray(v) for k, v in pq.read_table(args.night / "truth" / "sources.parquet").to_pydict().items()}
+    tf = {k: np.asarray(v) for k, v in pq.read_table(args.night / "truth" / "frames.parquet").to_pydict().items()}
+    art = {k: np.asarray(v) for k, v in pq.read_table(args.night / "truth" / "artifacts.parquet").to_pydict().items()}
+    acc = {b: {"m_true": [], "found": [], "dm": [], "cmsig": [], "rd": [], "rel": [], "n3": 0,
+               "one_row": 0} for b in BANDS}
+    merge = {"three_band_stars": 0, "merged_one_row": 0, "rows_checked": 0, "false_merges": 0}
+    for scan in (s for s in manifest["scans"] if s["type"] == "sci"):
+        path = args.out / "scans" / f"{scan['scan']:03d}" / "pts.parquet"
+        if not path.exists():
+            continue
+        pts = {k: np.asarray(v) for k, v in pq.read_table(path).to_pydict().items()}
+        geo = {b: frame_geometry_from_truth(args.night, scan["scan"], b) for b in BANDS}
+        fsel = (tf["scan"] == scan["scan"])
+        mjd = float(np.mean(tf["mjd"][fsel]))
+        dt = (mjd - src["epoch_mjd"]) / 365.25
+        dec = src["dec"] + np.nan_to_num(src["pmdec"]) * dt / 3.6e6
+        ra = src["ra"] + np.nan_to_num(src["pmra"]) * dt / 3.6e6 / np.cos(np.deg2rad(dec))
+        ra0, dec0 = float(np.median(tf["ra"][fsel])), float(np.median(tf["dec"][fsel]))
+        tx, ty = tan_project(ra, dec, ra0, dec0)
+        near_scan = (np.abs(tx) < 600) & (np.abs(ty) < np.ptp(tan_project(tf["ra"][fsel], tf["dec"][fsel], ra0, dec0)[1]) / 2 + 300)
+        px, py = tan_project(pts["ra"], pts["dec"], ra0, dec0)
+        ptree = cKDTree(np.column_stack([px, py]))
+        # Artifacts with real light (spikes, persistence) as sky positions.
+        asel = (art["scan"] == scan["scan"]) & np.isin(art["kind"], ("spike", "persistence"))
+        for b in BANDS:
+            p = b.lower()
+            m_true = np.nan_to_num(src[f"{p}_m"].astype(float), nan=99.0)
+            g = geo[b]
+            # Inside the scan: at least 3 frames hold the position away from the edges.
+            idx = np.flatnonzero(near_scan & (m_true < 18.5))
+            xs, ys = g.sky_to_pixel(np.arange(g.nframes)[:, None], ra[idx][None, :], dec[idx][None, :])
+            cover = (xs > 10) & (xs < 245) & (ys > 10) & (ys < 245)
+            inside = cover.sum(0) >= 3
+            # Each star's truth zero point: the mean over the frames that hold it.
+            zp_f = tf["zp_mag"][fsel & (tf["band"] == b)][np.argsort(tf["frame"][fsel & (tf["band"] == b)])]
+            with np.errstate(invalid="ignore"):
+                zp_star = (cover * zp_f[:, None]).sum(0) / cover.sum(0)
+            idx, zp_star = idx[inside], zp_star[inside]
+            tree = cKDTree(np.column_stack([tx[idx], ty[idx]]))
+            # Isolation: no brighter truth source within 5".
+            iso = np.ones(idx.size, bool)
+            for i, nb in enumerate(tree.query_ball_point(np.column_stack([tx[idx], ty[idx]]), 5.0)):
+                nb = [j for j in nb if j != i]
+                if nb and np.any(m_true[idx][nb] < m_true[idx][i]):
+                    iso[i] = False
+            is_star = (src["kind"][idx] == "star") & iso
+            stars, zp_star = idx[is_star], zp_star[is_star]
+            rdb = np.array([int(s[BANDS.index(b)]) for s in pts["rd_flg"].astype(str)])
+            det_b = np.isin(rdb, (1, 2, 3, 4, 9))
+            d, j = ptree.query(np.column_stack([tx[stars], ty[stars]]), distance_upper_bound=2.0)
+            ok = np.isfinite(d)
+            found = np.zeros(stars.size, bool)
+            found[ok] = det_b[j[ok]]
+            acc[b]["m_true"].append(m_true[stars])
+            acc[b]["found"].append(found)
+            mm = np.full(stars.size, np.nan)
+            cs = np.full(stars.size, np.nan)
+            rr = np.full(stars.size, -1)
+            mcol = np.asarray(pts[f"{p}_m"], float) if f"{p}_m" in pts else None
+            ccol = np.asarray(pts[f"{p}_cmsig"], float)
+            mm[found] = mcol[j[found]] - (zp_inst[b] - zp_star[found]) - m_true[stars][found]
+            cs[found] = ccol[j[found]]
+            rr[found] = rdb[j[found]]
+            acc[b]["dm"].append(mm)
+            acc[b]["cmsig"].append(cs)
+            acc[b]["rd"].append(rr)
+            # Reliability.
+            snr = np.asarray(pts[f"{p}_snr"], float)
+            cc = np.array([s[BANDS.index(b)] for s in pts["cc_flg"].astype(str)])
+            rel = np.flatnonzero(det_b & (np.nan_to_num(snr) >= 10) & (cc == "0"))
+            all_src = np.flatnonzero(near_scan)
+            stree = cKDTree(np.column_stack([tx[all_src], ty[all_src]]))
+            d2, _ = stree.query(np.column_stack([px[rel], py[rel]]), distance_upper_bound=2.0)
+            real = np.isfinite(d2)
+            if asel.any():
+                aa = np.flatnonzero(asel & (art["band"] == b))
+                ara, adec = [], []
+                for k in aa:
+                    r_, d_ = g.pixel_to_sky(int(art["frame"][k]), art["x0"][k], art["y0"][k])
+                    ara.append(r_)
+                    adec.append(d_)
+                if ara:
+                    ax, ay = tan_project(np.array(ara), np.array(adec), ra0, dec0)
+                    d3, _ = cKDTree(np.column_stack([ax, ay])).query(np.column_stack([px[rel], py[rel]]), distance_upper_bound=6.0)
+                    real |= np.isfinite(d3)
+            acc[b]["rel"].append(real)
+        # Band merging: truth stars found in all three bands.
+        rd = np.array([[int(c) for c in s] for s in pts["rd_flg"].astype(str)]) if len(pts["ra"]) else np.zeros((0, 3), int)
+        has = np.isin(rd, (1, 2, 3, 4, 9))
+        band_xy = {}
+        for k, b in enumerate(BANDS):
+            x = np.asarray(pts[f"{b.lower()}_x"], float)
+            y = np.asarray(pts[f"{b.lower()}_y"], float)
+            r_, d_ = geo[b].pixel_to_sky(0, np.nan_to_num(x), np.nan_to_num(y))
+            band_xy[b] = np.column_stack(tan_project(r_, d_, ra0, dec0))
+        star_idx = np.flatnonzero(near_scan & (src["kind"] == "star"))
+        stree = cKDTree(np.column_stack([tx[star_idx], ty[star_idx]]))
+        nearest = {}
+        for k, b in enumerate(BANDS):
+            dd, jj = stree.query(band_xy[b], distance_upper_bound=2.0)
+            nearest[b] = np.where(np.isfinite(dd) & has[:, k], star_idx[np.minimum(jj, star_idx.size - 1)], -1)
+        # Rows with two or more bands: do their bands point at different truth stars?
+        multi = has.sum(1) >= 2
+        for r in np.flatnonzero(multi):
+            ids = {nearest[b][r] for k, b in enumerate(BANDS) if has[r, k] and nearest[b][r] >= 0}
+            merge["rows_checked"] += 1
+            merge["false_merges"] += int(len(ids) > 1)
+        # Truth stars detected in all three bands (some row's band detection points at them).
+        per_star = {}
+        for k, b in enumerate(BANDS):
+            for r in np.flatnonzero(nearest[b] >= 0):
+                per_star.setdefault(int(nearest[b][r]), {}).setdefault(b, set()).add(int(r))
+        for s_, bb in per_star.items():
+            if len(bb) == 3:
+                merge["three_band_stars"] += 1
+                rows = set.intersection(*bb.values())
+                merge["merged_one_row"] += int(len(rows) >= 1)
+    result = {"bands": {}, "merge": merge}
+    for b in BANDS:
+        a = acc[b]
+        if not a["m_true"]:
+            continue
+        m_true = np.concatenate(a["m_true"])
+        found = np.concatenate(a["found"])
+        dm = np.concatenate(a["dm"])
+        cs = np.concatenate(a["cmsig"])
+        rd = np.concatenate(a["rd"])
+        rel = np.concatenate(a["rel"])
+        lo, hi = UNSAT[b]
+        reg = (m_true >= lo) & (m_true <= hi) & np.isfinite(dm) & (rd == 2)
+        med, sc = _robust(dm[reg])
+        nmed, nsc = _robust(dm[reg] / cs[reg])
+        lim = m_true <= LIMIT[b]
+        res = {
+            "isolated_stars_to_limit": int(lim.sum()),
+            "completeness_to_limit": float(found[lim].mean()) if lim.any() else None,
+            "m99": _completeness_mag(m_true, found, 0.99),
+            "m90": _completeness_mag(m_true, found, 0.90),
+            "reliability_snr10": float(rel.mean()) if rel.size else None,
+            "n_reliability": int(rel.size),
+            "unsat_n": int(reg.sum()), "unsat_bias": med, "unsat_scatter": sc,
+            "unsat_median_cmsig": float(np.nanmedian(cs[reg])) if reg.any() else None,
+            "unsat_norm_spread": nsc,
+        }
+        for code in (1, 3):
+            sel = (rd == code) & np.isfinite(dm)
+            res[f"rd{code}_n"] = int(sel.sum())
+            res[f"rd{code}_bias"], res[f"rd{code}_scatter"] = _robust(dm[sel])
+            res[f"rd{code}_mags"] = [float(v) for v in np.sort(m_true[sel])[:20]]
+        result["bands"][b] = res
+        print(f"{b}: completeness to {LIMIT[b]} {res['completeness_to_limit']:.4f} "
+              f"({res['isolated_stars_to_limit']} stars), m99 {res['m99']}, m90 {res['m90']}; "
+              f"reliability(SNR>=10) {res['reliability_snr10']:.4f} of {rel.size}; "
+              f"unsat ({reg.sum()}): bias {med:+.4f} scatter {sc:.4f} median cmsig "
+              f"{res['unsat_median_cmsig']:.4f} norm spread {nsc:.2f}; "
+              f"R1 n={res['rd1_n']} bias {res['rd1_bias']:+.3f} scatter {res['rd1_scatter']:.3f}; "
+              f"rd3 n={res['rd3_n']}")
+    m = merge
+    if m["three_band_stars"]:
+        print(f"band merging: {m['merged_one_row']}/{m['three_band_stars']} three-band stars in one row "
+              f"({m['merged_one_row'] / m['three_band_stars']:.4f}); false merges "
+              f"{m['false_merges']}/{m['rows_checked']} rows with >= 2 bands")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
+if __name__ == "__main__":
+    main()
