@@ -206,3 +206,29 @@ def test_input_and_config_errors(rng):
                 {"stamp_half_size": 1}, {"beta_init": 20.0}, {"min_snr": float("nan")}):
         with pytest.raises(ConfigError):
             PsfModelConfig(**bad)
+
+
+def test_host_model_matches_renderer_and_its_derivatives(rng):
+    """The fit's NumPy pixel integrals equal the stamp renderer's; derivatives equal
+    central differences (same fixed quadrature orders)."""
+    from gpu2mass.kernels.psf import render_psf_stamps
+
+    from gpu2mass.psfmodel import _moffat_pixels, _pixel_groups
+
+    k, h = 6, 5
+    xc, yc = rng.uniform(-0.5, 0.5, k), rng.uniform(-0.5, 0.5, k)
+    alpha, beta = rng.uniform(0.8, 2.0, k), 2.7
+    geom = _pixel_groups(h, xc, yc)
+    p, dx, dy, da, db = _moffat_pixels(geom, k, xc, yc, alpha, beta)
+    ref = render_psf_stamps(xc, yc, 1.0, alpha, beta, half_size=h).reshape(k, -1)
+    np.testing.assert_allclose(p, ref, rtol=1e-6, atol=1e-9)
+    eps = 1e-6
+    for name, d, args in (
+        ("xc", dx, lambda e: (xc + e, yc, alpha, beta)),
+        ("yc", dy, lambda e: (xc, yc + e, alpha, beta)),
+        ("alpha", da, lambda e: (xc, yc, alpha + e, beta)),
+        ("beta", db, lambda e: (xc, yc, alpha, beta + e)),
+    ):
+        hi = _moffat_pixels(geom, k, *args(eps), derivs=False)[0]
+        lo = _moffat_pixels(geom, k, *args(-eps), derivs=False)[0]
+        np.testing.assert_allclose(d, (hi - lo) / (2 * eps), rtol=1e-5, atol=1e-9, err_msg=name)
