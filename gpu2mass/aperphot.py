@@ -96,6 +96,7 @@ __all__ = [
     "AperPhotWarning",
     "CurveOfGrowth",
     "apply_curve_of_growth",
+    "curve_of_growth_from_psf",
     "fit_curve_of_growth",
     "moffat_aperture_fraction",
     "run_aperture_photometry",
@@ -677,6 +678,36 @@ def apply_curve_of_growth(phot: Table, cog: CurveOfGrowth, *,
     t[prefix + "flux_stdap"].unit = "DN"
     t[prefix + "flux_stdap_err"].unit = "DN"
     return t
+
+
+def curve_of_growth_from_psf(alpha_arcsec, beta, *, config: AperPhotConfig = AperPhotConfig(),
+                             model_error: float = 0.01) -> CurveOfGrowth:
+    """Curve-of-growth corrections from a Moffat PSF model instead of measured stars.
+
+    For scans too short or too sparse for :func:`fit_curve_of_growth` (a 1° calibration
+    scan at high latitude can hold fewer than ``cog_min_stars`` usable stars): per block of
+    ``cog_block_frames`` frames, the curve F(r)/F(4") and the 4" → total correction of the
+    Moffat with the block's mean ``alpha_arcsec`` and ``beta`` (arrays per frame, arcsec),
+    sky from the same annulus. ``model_error``: fractional error given to the correction
+    (the PSF model's 4" encircled energy is good to ~0.5 %, tests/test_psfmodel.py; 1 % is
+    held to cover the wings the model extrapolates).
+    """
+    a = np.asarray(alpha_arcsec, float)
+    b = np.broadcast_to(np.asarray(beta, float), a.shape)
+    nb = max(1, -(-a.size // config.cog_block_frames))
+    radii = np.asarray(config.radii_arcsec, float)
+    r_in, r_out = config.sky_inner_arcsec, config.sky_outer_arcsec
+    alpha_b = np.array([a[i * config.cog_block_frames:(i + 1) * config.cog_block_frames].mean()
+                        for i in range(nb)])
+    beta_b = np.array([b[i * config.cog_block_frames:(i + 1) * config.cog_block_frames].mean()
+                       for i in range(nb)])
+    std = moffat_aperture_fraction(config.standard_radius_arcsec, alpha_b, beta_b, r_in, r_out)
+    curve = np.stack([moffat_aperture_fraction(r, alpha_b, beta_b, r_in, r_out) / std
+                      for r in radii], axis=1)
+    corr = 1.0 / std
+    edge = moffat_aperture_fraction(radii[-1], alpha_b, beta_b, r_in, r_out)
+    return CurveOfGrowth(radii, config.cog_block_frames, curve, np.zeros_like(curve), corr,
+                         model_error * corr, 1.0 / edge, alpha_b, beta_b, np.zeros(nb, int))
 
 
 # -- R1 photometry --------------------------------------------------------------------------

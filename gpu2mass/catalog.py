@@ -127,7 +127,15 @@ def band_photometry(psf: Table, aper: Table, *, r1: Table | None = None, saturat
         # explain, is the PSF model's own error (mismatch, seeing within a block): a
         # fractional floor added to every PSF error of the scan.
         d = np.log(ratio[keep] / norm)
-        expected = (pe[sel][keep] / pf[sel][keep]) ** 2 + (ae[sel][keep] / af[sel][keep]) ** 2
+        # The aperture's own noise, without the curve of growth's error (common to a block).
+        if "flux_err" in aper.colnames and "flux" in aper.colnames:
+            k = aper.meta.get("standard_index", 1)
+            f4 = np.asarray(aper["flux"], float)
+            e4 = np.asarray(aper["flux_err"], float)
+            rel_ap = (e4[:, k] / f4[:, k]) if e4.ndim == 2 else e4 / f4
+        else:
+            rel_ap = ae / af
+        expected = (pe[sel][keep] / pf[sel][keep]) ** 2 + rel_ap[sel][keep] ** 2
         floor = float(np.sqrt(max((1.4826 * np.median(np.abs(d))) ** 2 - np.median(expected), 0.0)))
     else:
         norm, norm_err = 1.0, np.nan

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,13 @@ STEP_CONFIGS = {
     "register": ("gpu2mass.register", "RegisterConfig"),
     "transients": ("gpu2mass.transients", "TransientConfig"),
     "atlas": ("gpu2mass.atlas", "AtlasConfig"),
+    "detect": ("gpu2mass.detect", "DetectConfig"),
+    "psfmodel": ("gpu2mass.psfmodel", "PsfModelConfig"),
+    "psfphot": ("gpu2mass.psfphot", "PsfPhotConfig"),
+    "aperphot": ("gpu2mass.aperphot", "AperPhotConfig"),
+    "brightstars": ("gpu2mass.brightstars", "BrightStarConfig"),
+    "bandmerge": ("gpu2mass.bandmerge", "BandMergeConfig"),
+    "catalog": ("gpu2mass.catalog", "CatalogConfig"),
 }
 
 
@@ -115,7 +123,18 @@ class RunConfig:
         return self.updated(table)
 
     def to_dict(self) -> dict:
-        return {s: dataclasses.asdict(c) for s, c in self.steps.items()}
+        """Plain values for ``run.json``; an unbounded limit (``inf``) is written as the
+        string ``"inf"`` (JSON has no infinity)."""
+        def plain(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return str(v)
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            if isinstance(v, list | tuple):
+                return [plain(x) for x in v]
+            return v
+
+        return {s: plain(dataclasses.asdict(c)) for s, c in self.steps.items()}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:

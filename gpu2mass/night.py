@@ -27,8 +27,9 @@ import numpy as np
 from astropy.time import Time
 
 from gpu2mass import backend
+from gpu2mass.geometry import tan_deproject
 from gpu2mass.config import RunConfig
-from gpu2mass.errors import Gpu2MassError, InputError
+from gpu2mass.errors import Gpu2MassError, InputError, StepError
 from gpu2mass.io import products
 from gpu2mass.io.rawnight import Night, open_night
 
@@ -164,6 +165,7 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
         table["zp_mag"].append(np.full(n, cfg.transients.zero_point[band]))  # instrumental
         table["n_det"].append(np.bincount(np.asarray(det["frame"], np.int64), minlength=n))
         table["n_det_r1"].append(np.bincount(np.asarray(det_r1["frame"], np.int64), minlength=n))
+    images = {b: [] for b in per_band}
     with timer("atlas"):
         grids = plan_atlas_grids({b: per_band[b][1].geometry for b in per_band}, config=cfg.atlas)
         for band, (cal, reg, tr, det, _det_r1) in per_band.items():
@@ -180,7 +182,142 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
                 path = products.atlas_path(staging, band, info.number, k + 1)
                 write_atlas(path, img)
                 outcome.products.append(str(path.relative_to(staging)))
+                images[band].append(img)
+    pts = _point_sources(night, info, per_band, images, cfg, timer)
+    path = products.scan_dir(staging, info.number) / "pts.parquet"
+    products.write_table(path, pts)
+    outcome.products.append(str(path.relative_to(staging)))
     return {k: (np.concatenate(v) if k != "band" else v) for k, v in table.items()}
+
+
+def _own_zone(t, img, overlap_px: float, first: bool, last: bool):
+    """Rows of an Atlas image's detections that belong to it: each half of the in-scan
+    overlap with a neighbouring image goes to the image it is nearer the middle of."""
+    y = np.asarray(t["y"], float)
+    keep = np.ones(len(t), bool)
+    if not first:
+        keep &= y >= overlap_px / 2
+    if not last:
+        keep &= y < img.grid.ny - overlap_px / 2
+    return t[keep]
+
+
+def _point_sources(night: Night, info, per_band, images, cfg: RunConfig, timer):
+    """Atlas detection, PSF model and photometry, aperture and R1 photometry per band, then
+    band merging into the scan's point-source rows (composition only: the science is in the
+    step modules)."""
+    from astropy.table import vstack
+
+    from gpu2mass.aperphot import (apply_curve_of_growth, curve_of_growth_from_psf,
+                                   fit_curve_of_growth, run_aperture_photometry, run_r1_photometry)
+    from gpu2mass.brightstars import run_saturated_photometry
+    from gpu2mass.bandmerge import band_fill_upper_limits, run_bandmerge
+    from gpu2mass.catalog import assemble_point_sources, band_photometry
+    from gpu2mass.detect import DetectWarning, run_detect
+    from gpu2mass.frames import MASK_R1_SATURATED, MASK_SATURATED, UNUSABLE_R1, pixel_noise
+    from gpu2mass.geometry import tan_project
+    from gpu2mass.psfmodel import run_psf_model
+    from gpu2mass.psfphot import run_psf_photometry
+
+    inst = night.instrument
+    # The scan frame of band merging: the gnomonic plane about the scan centre (arcsec).
+    ra0 = float(np.median(np.concatenate([per_band[b][1].geometry.ra for b in per_band])))
+    dec0 = float(np.median(np.concatenate([per_band[b][1].geometry.dec for b in per_band])))
+    bands = {}
+    for band, (cal, reg, tr, det, _det_r1) in per_band.items():
+        xp = backend.get_namespace(cal.r2r1)
+        geo = reg.geometry
+        zp = cfg.transients.zero_point[band]  # instrumental until the night's calibration
+        with timer("detect"):
+            found = []
+            imgs = images[band]
+            for k, img in enumerate(imgs):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DetectWarning)  # an empty image is fine
+                    t = run_detect(img, config=cfg.detect)
+                t.meta.clear()  # per-image noise scales: not merged across images
+                found.append(_own_zone(t, img, cfg.atlas.overlap_arcsec / cfg.atlas.pixel_arcsec,
+                                       k == 0, k == len(imgs) - 1))
+            found = vstack(found) if found else None
+        if found is None or len(found) == 0:
+            continue
+        mask = (cal.mask_r2r1 != 0) | xp.asarray(tr.mask)
+        noise = pixel_noise(cal.r2r1, mask)
+        with timer("psfmodel"):
+            model = run_psf_model(cal.r2r1, mask=mask, noise=noise, detections=det,
+                                  config=replace(cfg.psfmodel, pixel_scale_arcsec=geo.band.scale_arcsec,
+                                                 gain_e_per_dn=float(inst.gain_e_per_dn[band])))
+        with timer("psfphot"):
+            psf = run_psf_photometry(cal.r2r1, mask=mask, noise=noise, geometry=geo,
+                                     psf_alpha=model.alpha_px, psf_beta=model.beta,
+                                     ra=np.asarray(found["ra"]), dec=np.asarray(found["dec"]),
+                                     flux=np.asarray(found["flux"]),
+                                     gain_e_per_dn=float(inst.gain_e_per_dn[band]), config=cfg.psfphot)
+        with timer("aperphot"):
+            acfg = replace(cfg.aperphot, gain_e_per_dn=float(inst.gain_e_per_dn[band]),
+                           r1_flux_scale=inst.r2r1_exptime_s / inst.r1_exptime_s)
+            sat = (cal.mask_r2r1 & MASK_SATURATED) != 0
+            aper = run_aperture_photometry(cal.r2r1, mask=mask, noise=noise, geometry=geo,
+                                           ra=np.asarray(psf["ra"]), dec=np.asarray(psf["dec"]),
+                                           saturated=sat, config=acfg)
+            try:
+                cog = fit_curve_of_growth(aper, config=acfg, nframes=geo.nframes)
+            except StepError:  # too few bright isolated stars (short calibration scans)
+                cog = curve_of_growth_from_psf(model.alpha_px * geo.band.scale_arcsec,
+                                               model.beta, config=acfg)
+            aper = apply_curve_of_growth(aper, cog, config=acfg)
+            r1 = None
+            if bool((np.asarray(aper["n_sat"]) > 0).any()):
+                r1_mask = ((cal.mask_r1 & UNUSABLE_R1) != 0) | xp.asarray(tr.mask)
+                r1 = run_r1_photometry(cal.r1, mask=r1_mask, noise=cal.noise_r1, geometry=geo,
+                                       phot=aper, cog=cog,
+                                       saturated=(cal.mask_r1 & MASK_R1_SATURATED) != 0, config=acfg)
+            sat_fit = None
+            if r1 is not None and bool((np.asarray(r1["r1_status"]) == 3).any()):
+                rows = np.asarray(r1["index"])[np.asarray(r1["r1_status"]) == 3]
+                sat_fit = run_saturated_photometry(
+                    cal.r1, mask_r1=cal.mask_r1, noise_r1=cal.noise_r1, geometry=geo,
+                    ra=np.asarray(psf["ra"])[rows], dec=np.asarray(psf["dec"])[rows],
+                    r1_to_r2r1=inst.r2r1_exptime_s / inst.r1_exptime_s, psf_alpha_px=model.alpha_px,
+                    psf_beta=model.beta, config=replace(cfg.brightstars,
+                                                        gain_e_per_dn=float(inst.gain_e_per_dn[band])))
+                sat_fit["index"] = rows
+        bp = band_photometry(psf, aper, r1=r1, saturated_fit=sat_fit, zp=zp, band=band,
+                             config=cfg.catalog)
+        xs, ys = tan_project(np.asarray(bp["ra"]), np.asarray(bp["dec"]), ra0, dec0)
+        bp["x_scan"], bp["y_scan"] = xs, ys
+        # Position errors: the fit's, with a floor for the registration (~0.01").
+        bp["sig_x"] = np.hypot(np.nan_to_num(np.asarray(bp["ra_err"]), nan=1.0), 0.01)
+        bp["sig_y"] = np.hypot(np.nan_to_num(np.asarray(bp["dec_err"]), nan=1.0), 0.01)
+        bp["sig_xy"] = np.zeros(len(bp))
+        # Band merging weights positions by SNR: the measurement's, or the Atlas detection's
+        # where there is no measurement (rd_flg 9).
+        meas = np.asarray(bp["snr"], float)
+        bp["snr_meas"] = meas
+        bp["snr"] = np.where(np.isfinite(meas) & (meas > 0), meas,
+                             np.maximum(np.asarray(found["snr"], float), 0.1))
+        bp["x"], bp["y"] = geo.sky_to_pixel(0, np.asarray(bp["ra"]), np.asarray(bp["dec"]))
+        bands[band] = bp
+    with timer("bandmerge"):
+        merged = run_bandmerge(bands, config=cfg.bandmerge)
+        limits = {}
+        for band, imgs in images.items():
+            lost = np.flatnonzero(np.asarray(merged[f"{band.lower()}_idx"]) < 0)
+            ra, dec = tan_deproject(np.asarray(merged["x_scan"])[lost], np.asarray(merged["y_scan"])[lost],
+                                    ra0, dec0)
+            m_ul = np.full(len(merged), np.nan)
+            for img in imgs:
+                x, y = img.grid.sky_to_pixel(ra, dec)
+                on = (x >= 0) & (x < img.grid.nx) & (y >= 0) & (y < img.grid.ny) & ~np.isfinite(m_ul[lost])
+                if on.any():
+                    ul = band_fill_upper_limits(backend.to_host(img.data), backend.to_host(img.sigma),
+                                                x[on], y[on], ncorfac=img.header["NCORFAC"],
+                                                zp_mag=cfg.transients.zero_point[band])
+                    m_ul[lost[on]] = np.asarray(ul["m_ul"].filled(np.nan), float)
+            limits[band] = {"m_ul": np.ma.masked_invalid(m_ul)}
+        jdate = 2400000.5 + float(np.mean(night.load_scan(info.number)[inst.bands[0]].frames["MJD"]))
+        return assemble_point_sources(merged, scan=info.number, ra0=ra0, dec0=dec0, jdate=jdate,
+                                      upper_limits=limits)
 
 
 def run_night(night_dir: str | Path, out_dir: str | Path, *, device: str = "auto",

@@ -168,7 +168,8 @@ def _groups(xi, eta, flux, radius, max_group):
 
 
 def run_psf_photometry(frames, *, mask, noise, geometry: FrameGeometry, psf_alpha, psf_beta,
-                       ra, dec, flux, config: PsfPhotConfig = PsfPhotConfig()) -> Table:
+                       ra, dec, flux, gain_e_per_dn: float = 0.0,
+                       config: PsfPhotConfig = PsfPhotConfig()) -> Table:
     """Fit every source on the stack of frames that cover it.
 
     Parameters
@@ -187,6 +188,11 @@ def run_psf_photometry(frames, *, mask, noise, geometry: FrameGeometry, psf_alph
         (m,) source positions, degrees (from the Atlas detection).
     flux
         (m,) initial flux estimates, DN (R2−R1), > 0 (e.g. the detection's).
+    gain_e_per_dn
+        Detector gain (e⁻/DN): each pixel's variance is the frame's noise² plus the
+        source's own photon noise, max(data, 0)/gain (0: background noise only). For a
+        star of J 11 the photon noise of its core pixels equals the background's; leaving it
+        out makes the errors of bright stars too small by up to 4× (measured on ``ci``).
     config
         :class:`PsfPhotConfig`.
 
@@ -300,8 +306,10 @@ def run_psf_photometry(frames, *, mask, noise, geometry: FrameGeometry, psf_alph
     bg = np.where(np.isfinite(bg), bg, 0.0)
     stamps = np.where(np.isfinite(stamps), stamps - bg[..., None, None], 0.0).astype(np.float32)
     has = frame_of >= 0
-    weights = np.where(region & has[..., None, None],
-                       1.0 / noise[np.maximum(frame_of, 0)][..., None, None] ** 2, 0.0).astype(np.float32)
+    var = noise[np.maximum(frame_of, 0)][..., None, None] ** 2
+    if gain_e_per_dn > 0:
+        var = var + np.maximum(stamps, 0.0) / gain_e_per_dn
+    weights = np.where(region & has[..., None, None], 1.0 / var, 0.0).astype(np.float32)
     psf = np.ones((G, F, 2))
     psf[..., 0] = np.where(has, alpha[np.maximum(frame_of, 0)], 1.0)
     psf[..., 1] = np.where(has, beta[np.maximum(frame_of, 0)], 2.5)

@@ -46,6 +46,18 @@ def test_products_and_provenance(processed, tiny_night):
     err = [np.hypot((r - t[(3, b, f)][0]) * np.cos(np.deg2rad(d)), d - t[(3, b, f)][1]) * 3600
            for b, f, r, d in zip(frames["band"], frames["frame"], frames["ra"], frames["dec"], strict=True)]
     assert np.sqrt(np.mean(np.square(err))) < 0.15 and np.max(err) < 0.4
+    # Point sources: one row per merged source with the PSC columns the scan fills; the
+    # injected Ks 9-10 ladder is there with three-band photometry.
+    pts = pq.read_table(processed / "scans" / "003" / "pts.parquet").to_pydict()
+    for col in ("ra", "dec", "err_maj", "err_min", "err_ang", "j_m", "j_cmsig", "j_msigcom",
+                "j_snr", "h_m", "k_m", "ph_qual", "rd_flg", "bl_flg", "cc_flg", "ndet", "scan",
+                "jdate", "x_scan", "j_psfchi", "k_m_stdap", "k_msig_stdap", "j_x", "j_y",
+                "j_flux", "j_flux_err", "sep_j_h", "sep_j_k"):
+        assert col in pts, col
+    assert len(pts["ra"]) > 100 and set(pts["scan"]) == {3}
+    assert all(len(q) == 3 and set(q) <= set("ABCDEFUX") for q in pts["ph_qual"])
+    assert sum(q == "AAA" for q in pts["ph_qual"]) >= 7
+    assert all(v is None or np.isfinite(v) for v in pts["k_m"])  # nulls, never sentinels
 
 
 def test_resume_skips_finished_scans(processed, tiny_night):
