@@ -622,7 +622,10 @@ def _header(xp, data, grid, geometry, config, used, *, band, scan, scan_type, sc
     # Instrumental for now: photometric calibration (photcal) replaces it.
     zp = float(np.mean(np.asarray(zp_mag, float)[used])) if zp_mag is not None and have else 0.0
     h["MAGZP"] = zp
-    finite = data[xp.isfinite(data)]
+    # Every 4th row and column: the median and MAD of ~30,000 pixels are as good as of all
+    # 500,000 for a header value, at a 16th of the cost.
+    sample = data[::4, ::4]
+    finite = sample[xp.isfinite(sample)]
     if finite.size:
         med = float(xp.median(finite))
         # Robust noise of the image: 1.4826 × MAD; stars barely move it.

@@ -111,6 +111,12 @@ def combine_pixel(r, c, vals, vfac, offsets, weights, outlier, grow):
     r1 = min(r + grow + 1, h)
     c0 = max(c - grow, 0)
     c1 = min(c + grow + 1, w_)
+    # Most pixels have no outlier around them: look once, test frames only if there is one.
+    nearby = False
+    for rr in range(r0, r1):
+        for cc in range(c0, c1):
+            if outlier[rr, cc] >= 0:
+                nearby = True
     num = 0.0
     den = 0.0
     var = 0.0
@@ -121,10 +127,11 @@ def combine_pixel(r, c, vals, vfac, offsets, weights, outlier, grow):
         if not (v == v):
             continue
         out = False
-        for rr in range(r0, r1):
-            for cc in range(c0, c1):
-                if outlier[rr, cc] == k:
-                    out = True
+        if nearby:
+            for rr in range(r0, r1):
+                for cc in range(c0, c1):
+                    if outlier[rr, cc] == k:
+                        out = True
         if out:
             dropped += 1
             continue
