@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.sparse.linalg import splu
 from scipy.signal import savgol_filter
 from scipy.spatial import cKDTree
 
@@ -305,26 +306,37 @@ def run_register(detections, *, commanded_ra, commanded_dec, reference: Referenc
         J = sp.csr_matrix((vv, (rr, cc)), shape=(2 * m, n_par))
         W = np.repeat(w, 2)
         r = res.ravel()
-        N = (J.T @ sp.diags(W) @ J).toarray()
+        # The normal matrix is sparse: the 16 globals border a band of frame offsets (each
+        # observation ties one or two nearby frames; the track prior ties neighbours). A
+        # sparse LU solves it in milliseconds where a dense solve of (16 + 2n)² took ~0.2 s
+        # per iteration for a 273-frame scan.
+        N = (J.T @ sp.diags(W) @ J).tolil()
         g_vec = J.T @ (W * r)
         # Smoothness prior on the offsets from the commanded track (second differences).
         off_xi, off_eta = tan_project(cen_ra, cen_dec, cmd_ra, cmd_dec)
+        prior = sp.lil_matrix((n_par, n_par))
         if n >= 3:
-            D = sp.diags([1.0, -2.0, 1.0], [0, 1, 2], shape=(n - 2, n)).toarray()
+            D = sp.diags([1.0, -2.0, 1.0], [0, 1, 2], shape=(n - 2, n)).tocsr()
+            DtD = (D.T @ D).tocoo()
             wt = 1.0 / cfg.track_sigma_arcsec**2
             for comp, off in ((0, off_xi), (1, off_eta)):
-                cols = _NG + 2 * np.arange(n) + comp
-                N[np.ix_(cols, cols)] += wt * D.T @ D
-                g_vec[cols] += wt * D.T @ (-(D @ off))
+                rows = _NG + 2 * DtD.row + comp
+                cols = _NG + 2 * DtD.col + comp
+                prior += sp.coo_matrix((wt * DtD.data, (rows, cols)), shape=(n_par, n_par)).tolil()
+                g_vec[_NG + 2 * np.arange(n) + comp] += wt * (D.T @ (-(D @ off)))
         # Weak priors: distortion towards 0; frames with nothing at all stay defined.
-        for k in range(2, _NG):
-            N[k, k] += 1.0 / cfg.distortion_prior_px**2
-            g_vec[k] += -(c.ravel()[k - 2]) / cfg.distortion_prior_px**2
-        N[_NG:, _NG:] += np.eye(2 * n) * 1e-8
+        diag = np.zeros(n_par)
+        diag[2:_NG] = 1.0 / cfg.distortion_prior_px**2
+        g_vec[2:_NG] += -c.ravel() / cfg.distortion_prior_px**2
+        diag[_NG:] = 1e-8
+        N = (N.tocsc() + prior.tocsc() + sp.diags(diag)).tocsc()
         try:
-            delta = np.linalg.solve(N, g_vec)
-        except np.linalg.LinAlgError as exc:
+            lu = splu(N)
+            delta = lu.solve(np.asarray(g_vec, float))
+        except RuntimeError as exc:
             raise StepError(f"frame position solution is singular: {exc}") from None
+        if not np.all(np.isfinite(delta)):
+            raise StepError("frame position solution is singular (non-finite step)")
         a += delta[0]
         b += delta[1]
         c = c + delta[2:_NG].reshape(2, _NT)
@@ -336,7 +348,10 @@ def run_register(detections, *, commanded_ra, commanded_dec, reference: Referenc
         if it == cfg.iterations - 1:
             dof = max(2 * m - n_par, 1)
             scale = max(chi2 / dof, 1.0)
-            cov_diag = np.diag(np.linalg.inv(N))[_NG:] * scale
+            # Diagonal of the inverse for the offsets only: solve for their unit vectors.
+            eye = np.zeros((n_par, 2 * n))
+            eye[_NG + np.arange(2 * n), np.arange(2 * n)] = 1.0
+            cov_diag = np.einsum("ij,ij->j", eye, lu.solve(eye)) * scale
 
     off_xi, off_eta = tan_project(cen_ra, cen_dec, cmd_ra, cmd_dec)
     offsets = np.column_stack([off_xi, off_eta])
