@@ -35,6 +35,7 @@ STEP_CONFIGS = {
     "aperphot": ("gpu2mass.aperphot", "AperPhotConfig"),
     "brightstars": ("gpu2mass.brightstars", "BrightStarConfig"),
     "bandmerge": ("gpu2mass.bandmerge", "BandMergeConfig"),
+    "artifacts": ("gpu2mass.artifacts", "ArtifactConfig"),
     "catalog": ("gpu2mass.catalog", "CatalogConfig"),
 }
 

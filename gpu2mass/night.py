@@ -211,6 +211,7 @@ def _point_sources(night: Night, info, per_band, images, cfg: RunConfig, timer):
     from gpu2mass.aperphot import (apply_curve_of_growth, curve_of_growth_from_psf,
                                    fit_curve_of_growth, run_aperture_photometry, run_r1_photometry)
     from gpu2mass.brightstars import run_saturated_photometry
+    from gpu2mass.artifacts import run_artifacts
     from gpu2mass.bandmerge import band_fill_upper_limits, run_bandmerge
     from gpu2mass.catalog import assemble_point_sources, band_photometry
     from gpu2mass.detect import DetectWarning, run_detect
@@ -316,8 +317,15 @@ def _point_sources(night: Night, info, per_band, images, cfg: RunConfig, timer):
                     m_ul[lost[on]] = np.asarray(ul["m_ul"].filled(np.nan), float)
             limits[band] = {"m_ul": np.ma.masked_invalid(m_ul)}
         jdate = 2400000.5 + float(np.mean(night.load_scan(info.number)[inst.bands[0]].frames["MJD"]))
-        return assemble_point_sources(merged, scan=info.number, ra0=ra0, dec0=dec0, jdate=jdate,
-                                      upper_limits=limits)
+        pts = assemble_point_sources(merged, scan=info.number, ra0=ra0, dec0=dec0, jdate=jdate,
+                                     upper_limits=limits)
+    with timer("artifacts"):
+        # Bright-star artifacts: spikes, persistence ghosts, stripes, halos (cc_flg letters;
+        # upper case marks detections that are the artifact itself).
+        flagged = run_artifacts(pts, geometries={b: per_band[b][1].geometry for b in per_band},
+                                config=cfg.artifacts)
+        pts["cc_flg"] = flagged["cc_flg"]
+    return pts
 
 
 def run_night(night_dir: str | Path, out_dir: str | Path, *, device: str = "auto",

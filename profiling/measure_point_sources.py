@@ -5,9 +5,9 @@ moved to the scan epoch by their proper motions):
 
 - completeness of isolated truth stars (no brighter truth source within 5") inside the
   Atlas coverage, by magnitude, and the magnitudes where it falls below 99 % and 90 %;
-- reliability: the fraction of detections with SNR ≥ 10 and ``cc_flg`` 0 that lie within
-  2" of a truth source (stars, galaxies, asteroids) or of a truth artifact of a bright
-  star (spikes, persistence: real light on the frames);
+- reliability: the fraction of detections with SNR ≥ 10 and no artifact flag (no
+  upper-case ``cc_flg`` letter: 2MASS's marks of a detection that is an artifact) that lie
+  within 2" of a truth source (stars, galaxies, asteroids);
 - photometry of unsaturated stars from the R2−R1 saturation limit to 2 mag above the 10σ
   limit (J 9.0–13.8, H 8.5–13.1, Ks 8.0–12.3): median Δm, robust scatter, median ``cmsig``,
   robust spread of Δm / cmsig; the same for ``rd_flg`` 1 (R1) and 3 (saturated in R1);
@@ -75,7 +75,6 @@ def main(argv=None) -> dict:
     zp_inst = RunConfig.defaults().transients.zero_point
     src = {k: np.asarray(v) for k, v in pq.read_table(args.night / "truth" / "sources.parquet").to_pydict().items()}
     tf = {k: np.asarray(v) for k, v in pq.read_table(args.night / "truth" / "frames.parquet").to_pydict().items()}
-    art = {k: np.asarray(v) for k, v in pq.read_table(args.night / "truth" / "artifacts.parquet").to_pydict().items()}
     acc = {b: {"m_true": [], "found": [], "dm": [], "cmsig": [], "rd": [], "rel": [], "n3": 0,
                "one_row": 0} for b in BANDS}
     merge = {"three_band_stars": 0, "merged_one_row": 0, "rows_checked": 0, "false_merges": 0,
@@ -96,8 +95,6 @@ def main(argv=None) -> dict:
         near_scan = (np.abs(tx) < 600) & (np.abs(ty) < np.ptp(tan_project(tf["ra"][fsel], tf["dec"][fsel], ra0, dec0)[1]) / 2 + 300)
         px, py = tan_project(pts["ra"], pts["dec"], ra0, dec0)
         ptree = cKDTree(np.column_stack([px, py]))
-        # Artifacts with real light (spikes, persistence) as sky positions.
-        asel = (art["scan"] == scan["scan"]) & np.isin(art["kind"], ("spike", "persistence"))
         for b in BANDS:
             p = b.lower()
             m_true = np.nan_to_num(src[f"{p}_m"].astype(float), nan=99.0)
@@ -143,23 +140,11 @@ def main(argv=None) -> dict:
             # Reliability.
             snr = np.asarray(pts[f"{p}_snr"], float)
             cc = np.array([s[BANDS.index(b)] for s in pts["cc_flg"].astype(str)])
-            rel = np.flatnonzero(det_b & (np.nan_to_num(snr) >= 10) & (cc == "0"))
+            rel = np.flatnonzero(det_b & (np.nan_to_num(snr) >= 10) & ~np.char.isupper(cc))
             all_src = np.flatnonzero(near_scan)
             stree = cKDTree(np.column_stack([tx[all_src], ty[all_src]]))
             d2, _ = stree.query(np.column_stack([px[rel], py[rel]]), distance_upper_bound=2.0)
-            real = np.isfinite(d2)
-            if asel.any():
-                aa = np.flatnonzero(asel & (art["band"] == b))
-                ara, adec = [], []
-                for k in aa:
-                    r_, d_ = g.pixel_to_sky(int(art["frame"][k]), art["x0"][k], art["y0"][k])
-                    ara.append(r_)
-                    adec.append(d_)
-                if ara:
-                    ax, ay = tan_project(np.array(ara), np.array(adec), ra0, dec0)
-                    d3, _ = cKDTree(np.column_stack([ax, ay])).query(np.column_stack([px[rel], py[rel]]), distance_upper_bound=6.0)
-                    real |= np.isfinite(d3)
-            acc[b]["rel"].append(real)
+            acc[b]["rel"].append(np.isfinite(d2))
         # Band merging: truth stars found in all three bands.
         rd = np.array([[int(c) for c in s] for s in pts["rd_flg"].astype(str)]) if len(pts["ra"]) else np.zeros((0, 3), int)
         has = np.isin(rd, (1, 2, 3, 4, 9))
