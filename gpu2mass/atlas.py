@@ -554,15 +554,18 @@ def run_atlas(
     sub_mask = _finite_mask(xp, sub, mask if mask.shape[0] == 1 else mask[xp.asarray(hit)])
     vals, vfac = resample_frames(
         sub, sub_mask, xp.asarray(coef), xp.asarray(norm), xp.asarray(boxes),
-        shape=grid.shape, min_weight=config.min_kernel_weight,
+        shape=grid.shape, min_weight=config.min_kernel_weight, fill_outside=False,
     )
-    contributes = np.asarray(backend_to_host(xp.isfinite(vals).any(axis=(1, 2))), bool)
+    # Only each frame's box holds values (the rest is not written: not read either).
+    contributes = np.array([bool(xp.any(xp.isfinite(vals[j, b[0]:b[1], b[2]:b[3]])))
+                            for j, b in enumerate(boxes.tolist())], bool)
     if not contributes.any():
         raise StepError(f"no unmasked frame pixel reaches Atlas grid {grid.index}")
     weights = 1.0 / noise[hit] ** 2
     offsets = _background_offsets(xp, vals, boxes, weights, config)
     data, sigma, cov, rejected = combine_frames(
-        vals, vfac, xp.asarray(offsets), xp.asarray(weights), reject_sigma=config.reject_sigma,
+        vals, vfac, xp.asarray(offsets), xp.asarray(weights), xp.asarray(boxes),
+        reject_sigma=config.reject_sigma,
         reject_fraction=config.reject_fraction, min_frames=config.reject_min_frames,
         grow=config.reject_grow)
     coverage = xp.minimum(cov, 255).astype(xp.uint8)

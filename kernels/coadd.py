@@ -24,8 +24,8 @@ __all__ = ["COADD_TARGETS", "combine_frames"]
 COADD_TARGETS = CALL_TARGETS
 
 
-def combine_frames(vals, vfac, offsets, weights, *, reject_sigma=5.0, reject_fraction=1.0,
-                   min_frames=2, grow=1, target=None):
+def combine_frames(vals, vfac, offsets, weights, boxes=None, *, reject_sigma=5.0,
+                   reject_fraction=1.0, min_frames=2, grow=1, target=None):
     """Weighted mean of resampled frames per output pixel, single-frame outliers left out.
 
     Parameters
@@ -38,6 +38,10 @@ def combine_frames(vals, vfac, offsets, weights, *, reject_sigma=5.0, reject_fra
         float (n,): background offset of each frame, DN per output pixel (subtracted).
     weights
         float (n,): weight of each frame, 1/σ² with σ its per-pixel noise (DN), > 0.
+    boxes
+        int (n, 4), optional: ``(row0, row1, col0, col1)`` of each frame (half-open), the
+        boxes given to the resampling; outside it a frame is not read (its values there may
+        be anything). None: the whole grid.
     reject_sigma, reject_fraction, min_frames, grow
         Outlier rejection (:mod:`gpu2mass.kernels.scalar.coadd`): a frame that is the
         outlier at a pixel is left out within ``grow`` pixels of it; ``reject_sigma = 0``
@@ -63,6 +67,11 @@ def combine_frames(vals, vfac, offsets, weights, *, reject_sigma=5.0, reject_fra
     weights = xp.ascontiguousarray(xp.asarray(weights, dtype=xp.float64))
     if offsets.shape != (n,) or weights.shape != (n,):
         raise ValueError(f"offsets and weights must be ({n},), got {offsets.shape}, {weights.shape}")
+    if boxes is None:
+        boxes = xp.asarray(np.tile(np.array([0, vals.shape[1], 0, vals.shape[2]], np.int64), (n, 1)))
+    boxes = xp.ascontiguousarray(xp.asarray(boxes, dtype=xp.int64))
+    if boxes.shape != (n, 4):
+        raise ValueError(f"boxes must be ({n}, 4), got {boxes.shape}")
     if not bool(xp.all(weights > 0)):
         raise ValueError("weights must be > 0")
     if reject_sigma < 0 or reject_fraction < 0 or min_frames < 2 or grow < 0:
@@ -72,11 +81,11 @@ def combine_frames(vals, vfac, offsets, weights, *, reject_sigma=5.0, reject_fra
     if target == "cpu":
         from gpu2mass.kernels.cpu.coadd import combine_frames as core
 
-        return core(vals, vfac, offsets, weights, *args)
+        return core(vals, vfac, offsets, weights, boxes, *args)
     if target == "reference":
         from gpu2mass.kernels.reference.coadd import combine_frames as core
 
-        return core(vals, vfac, offsets, weights, *args)
+        return core(vals, vfac, offsets, weights, boxes, *args)
     from gpu2mass.kernels.cuda.coadd import combine_frames as core
     from numba import cuda
 
@@ -87,10 +96,11 @@ def combine_frames(vals, vfac, offsets, weights, *, reject_sigma=5.0, reject_fra
         outs = (xp.empty((h, w), xp.int32), xp.empty((h, w), xp.float32),
                 xp.empty((h, w), xp.float32), xp.empty((h, w), xp.int32),
                 xp.empty((h, w), xp.uint8))
-        views = [cuda.as_cuda_array(a, sync=False) for a in (vals, vfac, offsets, weights, *outs)]
-        core(*views[:4], *args, *views[4:], stream=_cupy_stream())
+        views = [cuda.as_cuda_array(a, sync=False)
+                 for a in (vals, vfac, offsets, weights, boxes, *outs)]
+        core(*views[:5], *args, *views[5:], stream=_cupy_stream())
         return outs[1:]
-    d_in = [cuda.to_device(a) for a in (vals, vfac, offsets, weights)]
+    d_in = [cuda.to_device(a) for a in (vals, vfac, offsets, weights, boxes)]
     d_out = [cuda.device_array((h, w), dt)
              for dt in (np.int32, np.float32, np.float32, np.int32, np.uint8)]
     core(*d_in, *args, *d_out)

@@ -43,7 +43,8 @@ def _cupy_stream():
     return cuda.external_stream(ptr) if ptr else 0
 
 
-def resample_frames(frames, mask, coef, norm, boxes, *, shape, min_weight=0.5, target=None):
+def resample_frames(frames, mask, coef, norm, boxes, *, shape, min_weight=0.5, fill_outside=True,
+                    target=None):
     """Resample each frame onto one output grid, separately (no combination).
 
     Parameters
@@ -66,6 +67,10 @@ def resample_frames(frames, mask, coef, norm, boxes, *, shape, min_weight=0.5, t
         (H, W) of the output grid.
     min_weight
         Least fraction in (0, 1] of the bilinear kernel on good pixels for a contribution.
+    fill_outside
+        True: pixels outside a frame's box are NaN. False: they are left unwritten (any
+        value; for callers that read only within the boxes, like
+        :func:`gpu2mass.kernels.coadd.combine_frames`: half the memory traffic).
     target
         ``"cpu"``, ``"cuda"``, ``"reference"`` or None (from the arrays' namespace).
 
@@ -105,7 +110,7 @@ def resample_frames(frames, mask, coef, norm, boxes, *, shape, min_weight=0.5, t
     if target == "cpu":
         from gpu2mass.kernels.cpu.resample import resample_frames as core
 
-        return core(frames, mask, coef, norm, boxes, (h, w), min_weight)
+        return core(frames, mask, coef, norm, boxes, (h, w), min_weight, fill_outside)
     if target == "reference":
         from gpu2mass.kernels.reference.resample import resample_frames as core
 
@@ -118,10 +123,10 @@ def resample_frames(frames, mask, coef, norm, boxes, *, shape, min_weight=0.5, t
         var = xp.empty((n, h, w), xp.float32)
         arrays = (frames, mask, coef, norm, boxes, out, var)
         views = [cuda.as_cuda_array(a, sync=False) for a in arrays]
-        core(*views[:5], min_weight, views[5], views[6], stream=_cupy_stream())
+        core(*views[:5], min_weight, views[5], views[6], fill=fill_outside, stream=_cupy_stream())
         return out, var
     d_in = [cuda.to_device(a) for a in (frames, mask, coef, norm, boxes)]
     d_out = cuda.device_array((n, h, w), np.float32)
     d_var = cuda.device_array((n, h, w), np.float32)
-    core(*d_in, min_weight, d_out, d_var)
+    core(*d_in, min_weight, d_out, d_var, fill=fill_outside)
     return d_out.copy_to_host(), d_var.copy_to_host()

@@ -136,3 +136,22 @@ def test_bad_inputs(rng):
         combine_frames(vals, vfac, offsets, weights, min_frames=1)
     with pytest.raises(ValueError, match="grow"):
         combine_frames(vals, vfac, offsets, weights, grow=-1)
+
+
+def test_values_outside_the_boxes_are_never_read(rng):
+    """With boxes, what lies outside a frame's box (left unwritten by the resampling when
+    ``fill_outside=False``) does not matter: CPU and reference alike."""
+    vals, vfac, offsets, weights = _stack(rng, shape=(30, 40), coverage=1.0)
+    boxes = np.array([[0, 30, 0, 40], [5, 25, 0, 20], [0, 10, 10, 40], [12, 30, 3, 37],
+                      [0, 0, 0, 0], [0, 30, 20, 40]], np.int64)
+    clean = vals.copy()
+    rr, cc = np.mgrid[0:30, 0:40]
+    for k, b in enumerate(boxes):
+        outside = ~((rr >= b[0]) & (rr < b[1]) & (cc >= b[2]) & (cc < b[3]))
+        clean[k][outside] = np.nan
+        vals[k][outside] = rng.choice([1e30, -1e30, 7.0], outside.sum())  # garbage
+    for target in ("cpu", "reference"):
+        got = combine_frames(vals, vfac, offsets, weights, boxes, target=target)
+        want = combine_frames(clean, vfac, offsets, weights, target="reference")
+        np.testing.assert_allclose(got[0], want[0], rtol=RTOL, atol=1e-5)
+        np.testing.assert_array_equal(got[2], want[2])

@@ -135,3 +135,14 @@ def test_cuda_with_cupy_matches_cpu(rng):
     # FMA contraction differs (NVVM vs LLVM): float32 rounding.
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-6 * np.nanmax(np.abs(want)))
     np.testing.assert_allclose(gvar, wvar, rtol=RTOL, atol=1e-7)
+
+
+def test_unfilled_output_matches_inside_the_boxes(rng):
+    n, ny, nx, shape = 3, 16, 18, (40, 44)
+    frames, coef, norm, boxes = _mapping_inputs(rng, n, ny, nx, shape)
+    mask = rng.uniform(size=(ny, nx)) < 0.05
+    full, fvar = resample_frames(frames, mask, coef, norm, boxes, shape=shape)
+    part, pvar = resample_frames(frames, mask, coef, norm, boxes, shape=shape, fill_outside=False)
+    for k, (r0, r1, c0, c1) in enumerate(boxes):
+        np.testing.assert_array_equal(part[k, r0:r1, c0:c1], full[k, r0:r1, c0:c1])
+        np.testing.assert_array_equal(pvar[k, r0:r1, c0:c1], fvar[k, r0:r1, c0:c1])

@@ -15,30 +15,32 @@ __all__ = ["combine_frames"]
 
 
 @cpu_kernel(parallel=True)
-def _outlier_kernel(vals, vfac, offsets, weights, reject_sigma, reject_fraction, min_frames,
-                    outlier):
+def _outlier_kernel(vals, vfac, offsets, weights, boxes, reject_sigma, reject_fraction,
+                    min_frames, outlier):
     h = outlier.shape[0]
     w = outlier.shape[1]
     for r in prange(h):
         for c in range(w):
-            outlier[r, c] = find_outlier(r, c, vals, vfac, offsets, weights, reject_sigma,
-                                         reject_fraction, min_frames)
+            outlier[r, c] = find_outlier(r, c, vals, vfac, offsets, weights, boxes,
+                                         reject_sigma, reject_fraction, min_frames)
 
 
 @cpu_kernel(parallel=True)
-def _combine_kernel(vals, vfac, offsets, weights, outlier, grow, data, sigma, count, dropped):
+def _combine_kernel(vals, vfac, offsets, weights, boxes, outlier, grow, data, sigma, count,
+                    dropped):
     h = data.shape[0]
     w = data.shape[1]
     for r in prange(h):
         for c in range(w):
-            m, s, n, j = combine_pixel(r, c, vals, vfac, offsets, weights, outlier, grow)
+            m, s, n, j = combine_pixel(r, c, vals, vfac, offsets, weights, boxes, outlier, grow)
             data[r, c] = m
             sigma[r, c] = s
             count[r, c] = n
             dropped[r, c] = j
 
 
-def combine_frames(vals, vfac, offsets, weights, reject_sigma, reject_fraction, min_frames, grow):
+def combine_frames(vals, vfac, offsets, weights, boxes, reject_sigma, reject_fraction, min_frames,
+                   grow):
     """Coadd on the CPU; see :func:`gpu2mass.kernels.coadd.combine_frames`."""
     h, w = vals.shape[1:]
     outlier = np.empty((h, w), np.int32)
@@ -47,8 +49,8 @@ def combine_frames(vals, vfac, offsets, weights, reject_sigma, reject_fraction, 
     count = np.empty((h, w), np.int32)
     dropped = np.empty((h, w), np.uint8)
     if h * w:
-        _outlier_kernel(vals, vfac, offsets, weights, float(reject_sigma), float(reject_fraction),
-                        int(min_frames), outlier)
-        _combine_kernel(vals, vfac, offsets, weights, outlier, int(grow), data, sigma, count,
-                        dropped)
+        _outlier_kernel(vals, vfac, offsets, weights, boxes, float(reject_sigma),
+                        float(reject_fraction), int(min_frames), outlier)
+        _combine_kernel(vals, vfac, offsets, weights, boxes, outlier, int(grow), data, sigma,
+                        count, dropped)
     return data, sigma, count, dropped

@@ -23,7 +23,7 @@ __all__ = ["resample_frames"]
 
 
 @cpu_kernel(parallel=True)
-def _resample_kernel(frames, mask, coef, norm, boxes, min_weight, out, var):
+def _resample_kernel(frames, mask, coef, norm, boxes, min_weight, fill, out, var):
     n_out, h, w = out.shape
     for task in prange(n_out * h):
         k = task // h
@@ -33,9 +33,10 @@ def _resample_kernel(frames, mask, coef, norm, boxes, min_weight, out, var):
         if r >= boxes[k, 0] and r < boxes[k, 1]:
             c0 = min(max(boxes[k, 2], 0), w)
             c1 = min(max(boxes[k, 3], c0), w)
-        for c in range(c0):
-            out[k, r, c] = math.nan
-            var[k, r, c] = math.nan
+        if fill:
+            for c in range(c0):
+                out[k, r, c] = math.nan
+                var[k, r, c] = math.nan
         if c1 > c0:
             # Along a row t is fixed: the cubics and their derivatives reduce to cubics in
             # s, whose coefficients are computed once per row (the same polynomial as
@@ -71,12 +72,13 @@ def _resample_kernel(frames, mask, coef, norm, boxes, min_weight, out, var):
                 v, q = interpolate_bilinear(x, y, jac, k, frames, mask, min_weight)
                 out[k, r, c] = v
                 var[k, r, c] = q
-        for c in range(c1, w):
-            out[k, r, c] = math.nan
-            var[k, r, c] = math.nan
+        if fill:
+            for c in range(c1, w):
+                out[k, r, c] = math.nan
+                var[k, r, c] = math.nan
 
 
-def resample_frames(frames, mask, coef, norm, boxes, shape, min_weight):
+def resample_frames(frames, mask, coef, norm, boxes, shape, min_weight, fill=True):
     """Resample frames onto a grid on the CPU; see :func:`gpu2mass.kernels.resample_frames`.
 
     Returns (values, var_factor), float32 (n, H, W) each.
@@ -85,5 +87,5 @@ def resample_frames(frames, mask, coef, norm, boxes, shape, min_weight):
     out = np.empty((n, *shape), np.float32)
     var = np.empty((n, *shape), np.float32)
     if n and shape[0] * shape[1]:
-        _resample_kernel(frames, mask, coef, norm, boxes, float(min_weight), out, var)
+        _resample_kernel(frames, mask, coef, norm, boxes, float(min_weight), bool(fill), out, var)
     return out, var

@@ -19,35 +19,36 @@ THREADS_PER_BLOCK = 256
 
 
 @cuda_kernel
-def _outlier_kernel(vals, vfac, offsets, weights, reject_sigma, reject_fraction, min_frames,
-                    outlier):
+def _outlier_kernel(vals, vfac, offsets, weights, boxes, reject_sigma, reject_fraction,
+                    min_frames, outlier):
     i = cuda.grid(1)
     w = outlier.shape[1]
     if i >= outlier.shape[0] * w:
         return
     r = i // w
     c = i - r * w
-    outlier[r, c] = find_outlier(r, c, vals, vfac, offsets, weights, reject_sigma,
+    outlier[r, c] = find_outlier(r, c, vals, vfac, offsets, weights, boxes, reject_sigma,
                                  reject_fraction, min_frames)
 
 
 @cuda_kernel
-def _combine_kernel(vals, vfac, offsets, weights, outlier, grow, data, sigma, count, dropped):
+def _combine_kernel(vals, vfac, offsets, weights, boxes, outlier, grow, data, sigma, count,
+                    dropped):
     i = cuda.grid(1)
     w = data.shape[1]
     if i >= data.shape[0] * w:
         return
     r = i // w
     c = i - r * w
-    m, s, n, j = combine_pixel(r, c, vals, vfac, offsets, weights, outlier, grow)
+    m, s, n, j = combine_pixel(r, c, vals, vfac, offsets, weights, boxes, outlier, grow)
     data[r, c] = m
     sigma[r, c] = s
     count[r, c] = n
     dropped[r, c] = j
 
 
-def combine_frames(vals, vfac, offsets, weights, reject_sigma, reject_fraction, min_frames, grow,
-                   outlier, data, sigma, count, dropped, *, stream=0) -> None:
+def combine_frames(vals, vfac, offsets, weights, boxes, reject_sigma, reject_fraction, min_frames,
+                   grow, outlier, data, sigma, count, dropped, *, stream=0) -> None:
     """Coadd on the GPU into the (H, W) device arrays ``outlier`` (int32 scratch),
     ``data``, ``sigma``, ``count``, ``dropped``; inputs as in
     :func:`gpu2mass.kernels.coadd.combine_frames`."""
@@ -57,7 +58,7 @@ def combine_frames(vals, vfac, offsets, weights, reject_sigma, reject_fraction, 
     blocks = (n_threads + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
     with _small_grids_allowed():
         _outlier_kernel[blocks, THREADS_PER_BLOCK, stream](
-            vals, vfac, offsets, weights, float(reject_sigma), float(reject_fraction),
+            vals, vfac, offsets, weights, boxes, float(reject_sigma), float(reject_fraction),
             int(min_frames), outlier)
         _combine_kernel[blocks, THREADS_PER_BLOCK, stream](
-            vals, vfac, offsets, weights, outlier, int(grow), data, sigma, count, dropped)
+            vals, vfac, offsets, weights, boxes, outlier, int(grow), data, sigma, count, dropped)

@@ -23,7 +23,7 @@ THREADS_PER_BLOCK = 256
 
 
 @cuda_kernel
-def _resample_kernel(frames, mask, coef, norm, boxes, min_weight, out, var):
+def _resample_kernel(frames, mask, coef, norm, boxes, min_weight, fill, out, var):
     i = cuda.grid(1)
     n_out = out.shape[0]
     h = out.shape[1]
@@ -38,7 +38,7 @@ def _resample_kernel(frames, mask, coef, norm, boxes, min_weight, out, var):
         v, q = resample_pixel(float(c), float(r), k, frames, mask, coef, norm, min_weight)
         out[k, r, c] = v
         var[k, r, c] = q
-    else:
+    elif fill:
         out[k, r, c] = math.nan
         var[k, r, c] = math.nan
 
@@ -52,7 +52,8 @@ def _small_grids_allowed():
         yield
 
 
-def resample_frames(frames, mask, coef, norm, boxes, min_weight, out, var, *, stream=0) -> None:
+def resample_frames(frames, mask, coef, norm, boxes, min_weight, out, var, *, fill=True,
+                    stream=0) -> None:
     """Resample on the GPU into ``out`` and ``var`` (float32 (n, H, W) device arrays).
 
     Inputs are contiguous device arrays as described in
@@ -64,5 +65,5 @@ def resample_frames(frames, mask, coef, norm, boxes, min_weight, out, var, *, st
     blocks = (n_threads + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
     with _small_grids_allowed():
         _resample_kernel[blocks, THREADS_PER_BLOCK, stream](
-            frames, mask, coef, norm, boxes, float(min_weight), out, var
+            frames, mask, coef, norm, boxes, float(min_weight), bool(fill), out, var
         )

@@ -10,10 +10,13 @@ from scipy.ndimage import maximum_filter
 __all__ = ["combine_frames"]
 
 
-def combine_frames(vals, vfac, offsets, weights, reject_sigma, reject_fraction, min_frames, grow):
+def combine_frames(vals, vfac, offsets, weights, boxes, reject_sigma, reject_fraction, min_frames,
+                   grow):
     """Reference of :func:`gpu2mass.kernels.coadd.combine_frames`."""
-    n = vals.shape[0]
-    v = vals.astype(np.float64) - offsets[:, None, None]
+    n, h, w_ = vals.shape
+    rr, cc = np.mgrid[0:h, 0:w_]
+    inside = np.stack([(rr >= b[0]) & (rr < b[1]) & (cc >= b[2]) & (cc < b[3]) for b in boxes])
+    v = np.where(inside, vals.astype(np.float64), np.nan) - offsets[:, None, None]
     q = vfac.astype(np.float64)
     ok = np.isfinite(v)
     w = np.where(ok, weights[:, None, None], 0.0)

@@ -36,7 +36,8 @@ __all__ = ["combine_pixel", "find_outlier"]
 
 
 @scalar
-def find_outlier(r, c, vals, vfac, offsets, weights, reject_sigma, reject_fraction, min_frames):
+def find_outlier(r, c, vals, vfac, offsets, weights, boxes, reject_sigma, reject_fraction,
+                 min_frames):
     """Index of the frame whose contribution at output pixel (r, c) is an outlier, or −1.
 
     Parameters
@@ -48,6 +49,10 @@ def find_outlier(r, c, vals, vfac, offsets, weights, reject_sigma, reject_fracti
         and their variance factors.
     offsets, weights
         float64 (n,): background offset subtracted from each frame, DN; weight 1/σ_k².
+    boxes
+        int64 (n, 4): (row0, row1, col0, col1) of each frame's resampled values; outside
+        its box a frame does not contribute and ``vals`` is not read there (the resampling
+        need not fill it).
     reject_sigma, reject_fraction
         Rejection threshold (see the module docstring); ``reject_sigma ≤ 0``: never.
     min_frames
@@ -64,6 +69,8 @@ def find_outlier(r, c, vals, vfac, offsets, weights, reject_sigma, reject_fracti
     w_max = 0.0
     q_max = 0.0
     for k in range(vals.shape[0]):
+        if r < boxes[k, 0] or r >= boxes[k, 1] or c < boxes[k, 2] or c >= boxes[k, 3]:
+            continue
         v = vals[k, r, c]
         if not (v == v):  # NaN: frame k does not reach this pixel
             continue
@@ -92,7 +99,7 @@ def find_outlier(r, c, vals, vfac, offsets, weights, reject_sigma, reject_fracti
 
 
 @scalar
-def combine_pixel(r, c, vals, vfac, offsets, weights, outlier, grow):
+def combine_pixel(r, c, vals, vfac, offsets, weights, boxes, outlier, grow):
     """Combine the frames at output pixel (r, c), leaving out the outliers found around it.
 
     ``outlier`` int32 (H, W): :func:`find_outlier` of every pixel; frame k is left out here
@@ -123,6 +130,8 @@ def combine_pixel(r, c, vals, vfac, offsets, weights, outlier, grow):
     count = 0
     dropped = 0
     for k in range(vals.shape[0]):
+        if r < boxes[k, 0] or r >= boxes[k, 1] or c < boxes[k, 2] or c >= boxes[k, 3]:
+            continue
         v = vals[k, r, c]
         if not (v == v):
             continue
