@@ -263,11 +263,16 @@ def run_register(detections, *, commanded_ra, commanded_dec, reference: Referenc
                 res_l.append(np.column_stack([xr[ok] - xi[d], er[ok] - eta[d]]))
                 w_l.append(1.0 / (sig[d] ** 2 + ref_xy_err[near][ok] ** 2))
             # Later frames' detections, in this frame's plane: residual 0 − (pos_f − pos_g).
-            for g in range(f + 1, min(n, f + cfg.max_frame_gap + 1)):
-                i_g = by_frame[g]
+            # One projection for all of them (a call per frame pair cost ~1 s per band).
+            later = [by_frame[g] for g in range(f + 1, min(n, f + cfg.max_frame_gap + 1))]
+            i_all = np.concatenate(later) if later else np.zeros(0, np.int64)
+            x_all, e_all = tan_project(sky_ra[i_all], sky_dec[i_all], cen_ra[f], cen_dec[f])
+            starts = np.cumsum([0] + [len(i) for i in later])
+            for gi, g in enumerate(range(f + 1, min(n, f + cfg.max_frame_gap + 1))):
+                i_g = later[gi]
                 if i_g.size == 0:
                     continue
-                xg, eg = tan_project(sky_ra[i_g], sky_dec[i_g], cen_ra[f], cen_dec[f])
+                xg, eg = x_all[starts[gi]:starts[gi + 1]], e_all[starts[gi]:starts[gi + 1]]
                 dist, k = tree.query(np.column_stack([xg, eg]), distance_upper_bound=radius)
                 ok = np.isfinite(dist)
                 dg, df = i_g[ok], idx[k[ok]]
