@@ -251,25 +251,6 @@ def trimmed_mean_variance_factor(trim: float) -> float:
 # -- frame stack photometry -----------------------------------------------------------------
 
 
-def _pairs(geometry: FrameGeometry, ra, dec, nframes):
-    """(source, frame, x, y) of every frame whose pixel grid holds a source (centre within
-    [−0.5, n − 0.5]); positions from ``geometry.sky_to_pixel``."""
-    bg = geometry.band
-    half = 0.5 * math.hypot(bg.nx, bg.ny) * bg.scale_arcsec * 1.05 + 10.0
-    src, frm = [], []
-    for f in range(nframes):
-        xi, eta = tan_project(ra, dec, geometry.ra[f], geometry.dec[f])
-        near = np.flatnonzero((np.abs(xi) < half) & (np.abs(eta) < half))
-        src.append(near)
-        frm.append(np.full(near.size, f))
-    src = np.concatenate(src) if src else np.zeros(0, int)
-    frm = np.concatenate(frm) if frm else np.zeros(0, int)
-    x, y = geometry.sky_to_pixel(frm, ra[src], dec[src])
-    x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
-    inside = (x >= -0.5) & (x <= bg.nx - 0.5) & (y >= -0.5) & (y <= bg.ny - 0.5)
-    return src[inside], frm[inside], x[inside], y[inside]
-
-
 def _kernel_mask(xp, mask, saturated, shape):
     mask = xp.asarray(mask)
     if mask.shape not in (shape, shape[1:]):
@@ -308,7 +289,7 @@ def _measure(frames, mask, noise, geometry, ra, dec, saturated, radii_arcsec, co
     if bool((m8 != 0).all()):
         raise InputError(None, "every pixel of every frame is masked")
     scale = geometry.band.scale_arcsec
-    src, frm, x, y = _pairs(geometry, ra, dec, n)
+    src, frm, x, y = geometry.frames_holding(ra, dec)
     radii_px = np.asarray(radii_arcsec, float) / scale
     res = aperture_photometry(
         frames, m8, xp.asarray(frm), xp.asarray(x), xp.asarray(y), radii_px,

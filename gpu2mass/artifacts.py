@@ -199,7 +199,8 @@ class ArtifactConfig:
         much fainter than the scan's SNR-5 magnitude (0.0: beyond, the artifact cannot
         make a detection and adds less than the faintest detections' noise).
     r1_saturation_mag, r2_saturation_mag
-        Magnitudes assumed for parents with rd_flg 3 or 1 whose band magnitude is null
+        Magnitudes assumed for parents with rd_flg 3 (or 9: saturated, unmeasured) or 1
+        whose band magnitude is null
         (R1: J 4.5, H 4.0, Ks 3.5; R2−R1: J 9.0, H 8.5, Ks 8.0; facts sheet 11).
     snr5_mag
         Band → SNR-5 magnitude used when the table has fewer than 10 PSF-fit detections
@@ -530,15 +531,17 @@ def _band_artifacts(b: _Band, geo: FrameGeometry, band: str, cfg: ArtifactConfig
     faint = snr5 + cfg.zone_margin_mag
     # Parent magnitudes: measured, or the saturation level of the regime when null.
     m_par = b.m.copy()
-    fill = np.where(b.rd == "3", cfg.r1_saturation_mag[band],
+    # rd_flg 9 here means saturated in R2−R1 with no usable R1 or profile measurement (the
+    # regime choice of gpu2mass.catalog): a parent as bright as an R1-saturated star.
+    fill = np.where(np.isin(b.rd, ("3", "9")), cfg.r1_saturation_mag[band],
                     np.where(b.rd == "1", cfg.r2_saturation_mag[band], np.nan))
     m_par = np.where(np.isfinite(m_par), m_par, fill)
     loosest = max(cfg.spike_limit[band], cfg.persistence_limit[band], cfg.stripe_limit[band],
                   cfg.halo_limit[band])
     with np.errstate(invalid="ignore"):
-        is_parent = b.det & ((m_par <= loosest) | np.isin(b.rd, ("1", "3")))
-        # rd_flg 1/3 sources are saturated: parents of persistence whatever their magnitude.
-        saturated = np.isin(b.rd, ("1", "3"))
+        is_parent = b.det & ((m_par <= loosest) | np.isin(b.rd, ("1", "3", "9")))
+        # rd_flg 1/3/9 sources are saturated: parents of persistence whatever their magnitude.
+        saturated = np.isin(b.rd, ("1", "3", "9"))
     parents = np.flatnonzero(is_parent & np.isfinite(m_par))
     parents = parents[np.argsort(m_par[parents], kind="stable")]
     fl.set(parents, ART_PARENT, -1)

@@ -75,7 +75,6 @@ from pathlib import Path
 import numpy as np
 
 from gpu2mass.backend import get_namespace
-from gpu2mass.backend import to_host as backend_to_host
 from gpu2mass.errors import ConfigError, StepError
 from gpu2mass.geometry import FrameGeometry
 

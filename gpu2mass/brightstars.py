@@ -96,7 +96,7 @@ from scipy import ndimage
 from gpu2mass.backend import get_namespace, to_host
 from gpu2mass.errors import ConfigError, InputError
 from gpu2mass.flags import RD_R1_PROFILE, FlagRegistry
-from gpu2mass.geometry import FrameGeometry, tan_deproject, tan_project
+from gpu2mass.geometry import FrameGeometry, tan_deproject
 from gpu2mass.kernels.calibrate import MASK_R1_SATURATED, MASK_SATURATED
 from gpu2mass.kernels.scalar.moffat import (
     GL_ORDER_FAR,
@@ -336,26 +336,6 @@ def moffat_pixel_template(dx, dy, alpha, beta):
 
 
 # -- geometry and cutouts --------------------------------------------------------------------
-
-
-def _pairs(geometry: FrameGeometry, ra, dec, edge_px):
-    """(star, frame, x, y) of every frame holding a star at least ``edge_px`` inside."""
-    bg = geometry.band
-    n = geometry.nframes
-    half = 0.5 * math.hypot(bg.nx, bg.ny) * bg.scale_arcsec * 1.05 + 10.0
-    src, frm = [], []
-    for f in range(n):
-        xi, eta = tan_project(ra, dec, geometry.ra[f], geometry.dec[f])
-        near = np.flatnonzero((np.abs(xi) < half) & (np.abs(eta) < half))
-        src.append(near)
-        frm.append(np.full(near.size, f))
-    src = np.concatenate(src) if src else np.zeros(0, int)
-    frm = np.concatenate(frm) if frm else np.zeros(0, int)
-    x, y = geometry.sky_to_pixel(frm, ra[src], dec[src])
-    x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
-    lo = -0.5 + edge_px
-    inside = (x >= lo) & (x <= bg.nx - 0.5 - edge_px) & (y >= lo) & (y <= bg.ny - 0.5 - edge_px)
-    return src[inside], frm[inside], x[inside], y[inside]
 
 
 def _local_maps(geometry: FrameGeometry, frm, ra, dec, step_arcsec=1.0):
@@ -765,7 +745,7 @@ def run_saturated_photometry(r1_frames, *, mask_r1, noise_r1, geometry: FrameGeo
     scale = geometry.band.scale_arcsec
     fit_r_px = config.fit_radius_arcsec / scale
     h = math.ceil(fit_r_px + max(config.max_shift_arcsec / scale, 0.0) + 1)
-    src, frm, x, y = _pairs(geometry, ra, dec, config.edge_px)
+    src, frm, x, y = geometry.frames_holding(ra, dec, edge_px=config.edge_px)
     out = {k: np.full(nstar, math.nan) for k in
            ("flux", "flux_err", "flux_err_fit", "flux_err_scatter", "r_inner", "chi2")}
     out_ra, out_dec = ra.copy(), dec.copy()

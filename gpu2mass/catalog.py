@@ -257,7 +257,7 @@ def assemble_point_sources(merged: Table, *, scan: int, ra0: float, dec0: float,
         ph = np.where(have, np.asarray(merged[f"{p}_ph_qual"]).astype(str),
                       np.where(np.isfinite(m), "U", "X"))
         nd = np.where(have, np.asarray(merged[f"{p}_ndet"]).astype(str), "00")
-        per[b] = dict(rd=rd, bl=bl, ph=ph, nd=nd)
+        per[b] = {"rd": rd, "bl": bl, "ph": ph, "nd": nd}
         out[f"{p}_x"] = MaskedColumn(col("x"), mask=~have)
         out[f"{p}_y"] = MaskedColumn(col("y"), mask=~have)
     out["ph_qual"] = flags.join_bands(*(per[b]["ph"] for b in flags.BANDS))

@@ -160,6 +160,32 @@ class FrameGeometry:
         xi, eta = tan_project(ra, dec, self.ra[frame], self.dec[frame])
         return self.band.tangent_to_pixel(xi, eta)
 
+    def frames_holding(self, ra, dec, *, edge_px: float = 0.0):
+        """Every (source, frame) pair whose array holds the source.
+
+        ``ra``, ``dec`` (m,) deg. A frame holds a source when its pixel position lies at
+        least ``edge_px`` inside the array's outer pixel edges (0: anywhere on the pixel
+        grid, ``[−0.5, n − 0.5]``). Returns ``(source, frame, x, y)``, arrays of the pairs
+        (int, int, float px, float px), frame by frame.
+        """
+        ra, dec = np.atleast_1d(np.asarray(ra, float)), np.atleast_1d(np.asarray(dec, float))
+        b = self.band
+        # Only sources within the frame's half-diagonal (plus distortion) are mapped exactly.
+        half = 0.5 * np.hypot(b.nx, b.ny) * b.scale_arcsec * 1.05 + 10.0
+        src, frm = [], []
+        for f in range(self.nframes):
+            xi, eta = tan_project(ra, dec, self.ra[f], self.dec[f])
+            near = np.flatnonzero((np.abs(xi) < half) & (np.abs(eta) < half))
+            src.append(near)
+            frm.append(np.full(near.size, f))
+        src = np.concatenate(src) if src else np.zeros(0, int)
+        frm = np.concatenate(frm) if frm else np.zeros(0, int)
+        x, y = self.sky_to_pixel(frm, ra[src], dec[src])
+        x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
+        lo = -0.5 + edge_px
+        inside = (x >= lo) & (x <= b.nx - 0.5 - edge_px) & (y >= lo) & (y <= b.ny - 0.5 - edge_px)
+        return src[inside], frm[inside], x[inside], y[inside]
+
 
 def _truth_band(optics: dict, nx: int, ny: int) -> BandGeometry:
     """The simulator's BandOptics (radial k and two second-order q terms) as a BandGeometry."""

@@ -27,9 +27,9 @@ import numpy as np
 from astropy.time import Time
 
 from gpu2mass import backend
-from gpu2mass.geometry import tan_deproject
 from gpu2mass.config import RunConfig
 from gpu2mass.errors import Gpu2MassError, InputError, StepError
+from gpu2mass.geometry import tan_deproject
 from gpu2mass.io import products
 from gpu2mass.io.rawnight import Night, open_night
 
@@ -208,11 +208,16 @@ def _point_sources(night: Night, info, per_band, images, cfg: RunConfig, timer):
     step modules)."""
     from astropy.table import vstack
 
-    from gpu2mass.aperphot import (apply_curve_of_growth, curve_of_growth_from_psf,
-                                   fit_curve_of_growth, run_aperture_photometry, run_r1_photometry)
-    from gpu2mass.brightstars import run_saturated_photometry
+    from gpu2mass.aperphot import (
+        apply_curve_of_growth,
+        curve_of_growth_from_psf,
+        fit_curve_of_growth,
+        run_aperture_photometry,
+        run_r1_photometry,
+    )
     from gpu2mass.artifacts import run_artifacts
     from gpu2mass.bandmerge import band_fill_upper_limits, run_bandmerge
+    from gpu2mass.brightstars import run_saturated_photometry
     from gpu2mass.catalog import assemble_point_sources, band_photometry
     from gpu2mass.detect import DetectWarning, run_detect
     from gpu2mass.frames import MASK_R1_SATURATED, MASK_SATURATED, UNUSABLE_R1, pixel_noise

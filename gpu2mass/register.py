@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.linalg import splu
 from scipy.signal import savgol_filter
+from scipy.sparse.linalg import splu
 from scipy.spatial import cKDTree
 
 from gpu2mass.errors import StepError

@@ -14,9 +14,9 @@ from ties at the threshold).
 from __future__ import annotations
 
 import numpy as np
+from gpu2mass.kernels._targets import CALL_TARGETS, resolve_target
 
 from gpu2mass.backend import get_namespace
-from gpu2mass.kernels._targets import CALL_TARGETS, resolve_target
 
 __all__ = ["COADD_TARGETS", "combine_frames"]
 

@@ -25,9 +25,9 @@ rtol 1e-5 with an absolute floor of 1e-6 of the largest value).
 from __future__ import annotations
 
 import numpy as np
+from gpu2mass.kernels._targets import CALL_TARGETS, resolve_target
 
 from gpu2mass.backend import get_namespace
-from gpu2mass.kernels._targets import CALL_TARGETS, resolve_target
 
 __all__ = ["RESAMPLE_TARGETS", "resample_frames"]
 

@@ -22,9 +22,9 @@ of each pixel's usable values. Agreement to float32 rounding of the sums (tests:
 from __future__ import annotations
 
 import numpy as np
+from gpu2mass.kernels._targets import CALL_TARGETS, resolve_target
 
 from gpu2mass.backend import get_namespace
-from gpu2mass.kernels._targets import CALL_TARGETS, resolve_target
 
 __all__ = ["ROBUST_TARGETS", "frame_quantiles", "trimmed_mean"]
 

@@ -24,6 +24,7 @@ Run: ``python profiling/measure_point_sources.py NIGHT OUT [--json PATH]``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def _completeness_mag(mags, found, level):
     completeness is >= level."""
     edges = np.arange(8.0, 18.01, 0.25)
     last = np.nan
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         sel = (mags >= lo) & (mags < hi)
         if sel.sum() < 5:
             continue
@@ -176,7 +177,7 @@ def main(argv=None) -> dict:
         for k, b in enumerate(BANDS):
             for r in np.flatnonzero(nearest[b] >= 0):
                 per_star.setdefault(int(nearest[b][r]), {}).setdefault(b, set()).add(int(r))
-        for s_, bb in per_star.items():
+        for bb in per_star.values():
             if len(bb) == 3:
                 merge["three_band_stars"] += 1
                 rows = set.intersection(*bb.values())
@@ -195,7 +196,7 @@ def main(argv=None) -> dict:
         lo, hi = UNSAT[b]
         reg = (m_true >= lo) & (m_true <= hi) & np.isfinite(dm) & (rd == 2)
         med, sc = _robust(dm[reg])
-        nmed, nsc = _robust(dm[reg] / cs[reg])
+        _, nsc = _robust(dm[reg] / cs[reg])
         lim = m_true <= LIMIT[b]
         res = {
             "isolated_stars_to_limit": int(lim.sum()),

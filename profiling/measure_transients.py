@@ -39,7 +39,7 @@ def _significance(images, ra, dec):
     best, cmin = None, 0
     for w, d, sig, cov in images:
         x, y = w.world_to_pixel_values(ra, dec)
-        ix, iy = int(round(float(x))), int(round(float(y)))
+        ix, iy = round(float(x)), round(float(y))
         if 8 <= ix < d.shape[1] - 8 and 8 <= iy < d.shape[0] - 8 and np.isfinite(d[iy, ix]):
             bg = np.nanmedian(d[iy - 8 : iy + 9, ix - 8 : ix + 9])
             z = np.nanmax((d[iy - 1 : iy + 2, ix - 1 : ix + 2] - bg) / sig[iy - 1 : iy + 2, ix - 1 : ix + 2])
@@ -86,9 +86,37 @@ def main(night: Path, out: Path) -> dict:
                         res["cr_above_5sigma"] += int(best > 5)
                         res["cr_on_source_above_5sigma"] += int(near and best > 5)
                         res["cr_single_frame_above_5sigma"] += int(cmin < 2 and not near and best > 5)
+    res.update(_detections_at_cosmic_rays(night, out, manifest, art, src_ra, src_dec))
     res.update(_meteor_masks(night, art))
     print(json.dumps(res, indent=1))
     return res
+
+
+def _detections_at_cosmic_rays(night, out, manifest, art, src_ra, src_dec) -> dict:
+    """Point sources detected on the Atlas Images (``pts.parquet``, SNR ≥ 5 in the band) within
+    2" of a truth cosmic ray and farther than 3" from every truth source: what a cosmic ray
+    that survived into the Atlas Images would become."""
+    n_cr, n_det = 0, 0
+    for s in (s for s in manifest["scans"] if s["type"] == "sci"):
+        path = out / "scans" / f"{s['scan']:03d}" / "pts.parquet"
+        if not path.exists():
+            continue
+        pts = pq.read_table(path).to_pydict()
+        pra, pdec = np.asarray(pts["ra"], float), np.asarray(pts["dec"], float)
+        for k, band in enumerate(manifest["instrument"]["bands"]):
+            geo = frame_geometry_from_truth(night, s["scan"], band)
+            snr = np.array([np.nan if v is None else v for v in pts[f"{band.lower()}_snr"]], float)
+            det = np.nan_to_num(snr) >= 5
+            for i in np.flatnonzero((art["scan"] == s["scan"]) & (art["band"] == band)
+                                    & (art["kind"] == "cosmic_ray")):
+                ra, dec = geo.pixel_to_sky(int(art["frame"][i]), art["x0"][i], art["y0"][i])
+                n_cr += 1
+                cosd = np.cos(np.deg2rad(dec))
+                if np.hypot((src_ra - ra) * cosd, src_dec - dec).min() * 3600 < 3.0:
+                    continue
+                d = np.hypot((pra[det] - ra) * cosd, pdec[det] - dec) * 3600
+                n_det += int(d.size > 0 and d.min() < 2.0)
+    return {"cr_detections_snr5": n_det, "cr_checked_for_detections": n_cr}
 
 
 def _meteor_masks(night: Path, art: dict) -> dict:

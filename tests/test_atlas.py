@@ -441,7 +441,7 @@ def _cosmic_ray_significance(tiny_night, scans, images, band):
         near = np.hypot((src["ra"] - ra) * np.cos(np.deg2rad(dec)), src["dec"] - dec).min()
         for img in images[band]:
             x, y = img.grid.sky_to_pixel(ra, dec)
-            ix, iy = int(round(float(x))), int(round(float(y)))
+            ix, iy = round(float(x)), round(float(y))
             d = img.data
             if 8 <= ix < d.shape[1] - 8 and 8 <= iy < d.shape[0] - 8 and np.isfinite(d[iy, ix]):
                 bg = np.nanmedian(d[iy - 8:iy + 9, ix - 8:ix + 9])

@@ -80,7 +80,7 @@ def test_spikes_are_rejected_and_noise_is_not(rng):
     r, c = np.unravel_index(idx, (200, 200))
     amp = rng.uniform(6.0, 100.0, 400) * np.sqrt(1 + 1 / 5)
     vals[k, r, c] += (amp * sig_frame[k, r, c]).astype(np.float32)
-    data, sigma, count, rej = combine_frames(vals, vfac, offsets, weights, grow=0)
+    data, _, _, rej = combine_frames(vals, vfac, offsets, weights, grow=0)
     ref, ref_sigma, *_ = combine_frames(clean, vfac, offsets, weights, reject_sigma=0.0)
     # Every spike above 6σ of (contribution vs the others' mean) is rejected, and the image
     # at those pixels is the mean of the others: within the noise of the clean mean.
@@ -103,7 +103,7 @@ def test_outliers_are_left_out_around_where_they_were_found(rng):
     sig = float(np.sqrt(vfac[3, 10, 10] / weights[3]))
     spread = np.outer([1 / 3, 1, 1 / 3], [1 / 3, 1, 1 / 3])
     vals[3, 9:12, 9:12] += (12.0 * sig * spread).astype(np.float32)
-    _, _, count0, drop0 = combine_frames(vals, vfac, offsets, weights, grow=0)
+    _, _, _, drop0 = combine_frames(vals, vfac, offsets, weights, grow=0)
     _, _, count1, drop1 = combine_frames(vals, vfac, offsets, weights, grow=1)
     assert drop0[10, 10] == 1 and drop0[9:12, 9:12].sum() < 9
     assert np.all(drop1[9:12, 9:12] == 1) and np.all(count1[9:12, 9:12] == 5)

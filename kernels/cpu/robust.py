@@ -7,8 +7,6 @@ NumPy's sort along the strided frame axis on one thread, and parallel over rows.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from gpu2mass.kernels._targets import cpu_kernel
 from numba import prange
@@ -33,7 +31,7 @@ def _trimmed_mean_kernel(stack, usable, trim, out):
                         i -= 1
                     buf[i] = v
                     count += 1
-            cut = int(math.floor(trim * count))
+            cut = int(trim * count)  # floor: trim * count >= 0
             kept = count - 2 * cut
             if kept <= 0:
                 out[y, x] = 0.0

@@ -72,7 +72,7 @@ def find_outlier(r, c, vals, vfac, offsets, weights, boxes, reject_sigma, reject
         if r < boxes[k, 0] or r >= boxes[k, 1] or c < boxes[k, 2] or c >= boxes[k, 3]:
             continue
         v = vals[k, r, c]
-        if not (v == v):  # NaN: frame k does not reach this pixel
+        if math.isnan(v):  # frame k does not reach this pixel
             continue
         x = v - offsets[k]
         w = weights[k]
@@ -133,7 +133,7 @@ def combine_pixel(r, c, vals, vfac, offsets, weights, boxes, outlier, grow):
         if r < boxes[k, 0] or r >= boxes[k, 1] or c < boxes[k, 2] or c >= boxes[k, 3]:
             continue
         v = vals[k, r, c]
-        if not (v == v):
+        if math.isnan(v):
             continue
         out = False
         if nearby:
