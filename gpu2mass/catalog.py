@@ -51,12 +51,17 @@ class CatalogConfig:
         Systematic term added in quadrature to ``cmsig`` to give ``msigcom``, mag (0.005:
         flat-field and PSF-mismatch residuals; the normalisation's own error is added
         separately, the absolute calibration's by the night calibration).
+    duplicate_arcsec
+        Two radial-profile fits (stars saturated in R1) closer than this are one star seen
+        twice by the Atlas detection (10": the saturated cores of J < 4.5 stars reach ~6"
+        in radius).
     """
 
     norm_min_snr: float = 50.0
     norm_min_stars: int = 5
     psf_fail_bits: int = 2 | 4 | 16 | 32
     systematic_mag: float = 0.005
+    duplicate_arcsec: float = 10.0
 
     def __post_init__(self):
         if self.norm_min_snr <= 0 or self.norm_min_stars < 1 or self.systematic_mag < 0:
@@ -96,7 +101,8 @@ def band_photometry(psf: Table, aper: Table, *, r1: Table | None = None, saturat
     Table, one row per source: ``ra``, ``dec``, ``ra_err``, ``dec_err``, ``flux``,
     ``flux_err`` (DN, the default measurement), ``m``, ``cmsig``, ``msigcom``, ``snr``,
     ``psfchi``, ``m_stdap``, ``msig_stdap``, ``rd_flg``, ``bl_flg`` (digit), ``ph_qual``,
-    ``ndet`` ("NM"), ``n_det``, ``n_meas``, ``psf_flux``, ``psf_flux_err``, ``psf_status``.
+    ``ndet`` ("NM"), ``n_det``, ``n_meas``, ``psf_flux``, ``psf_flux_err``, ``psf_status``,
+    ``duplicate`` (True: a second detection of a star saturated in R1; the caller drops it).
     ``meta["psf_norm"]``, ``meta["psf_norm_err"]``, ``meta["psf_norm_n"]``: the ratio of
     standard-aperture to PSF flux, its error and the number of stars; ``meta["psf_error_floor"]``:
     the fractional error added in quadrature to every PSF flux error (the scatter of PSF vs
@@ -156,6 +162,9 @@ def band_photometry(psf: Table, aper: Table, *, r1: Table | None = None, saturat
         flux[i[good]] = np.asarray(r1["flux_stdap"], float)[good]
         ferr[i[good]] = np.asarray(r1["flux_stdap_err"], float)[good]
         syst[i[good]] = 0.0
+    ra = np.asarray(psf["ra"], float).copy()
+    dec = np.asarray(psf["dec"], float).copy()
+    duplicate = np.zeros(n, bool)
     if saturated_fit is not None and len(saturated_fit):
         i = np.asarray(saturated_fit["index"], np.int64)
         good = np.isfinite(np.asarray(saturated_fit["flux"], float)) & (rd[i] == flags.RD_NO_MEASUREMENT)
@@ -163,6 +172,20 @@ def band_photometry(psf: Table, aper: Table, *, r1: Table | None = None, saturat
         flux[i[good]] = np.asarray(saturated_fit["flux"], float)[good]
         ferr[i[good]] = np.asarray(saturated_fit["flux_err"], float)[good]
         syst[i[good]] = 0.0
+        # The profile fit's position (centroid of the saturated core, refined on the wings)
+        # is better than a PSF fit to a masked core.
+        ra[i[good]] = np.asarray(saturated_fit["ra"], float)[good]
+        dec[i[good]] = np.asarray(saturated_fit["dec"], float)[good]
+        # A saturated star the Atlas detection split in two is one star: the fainter fit
+        # of two within ``duplicate_arcsec`` is dropped.
+        rows = i[good][np.argsort(-flux[i[good]], kind="stable")]
+        for a, r in enumerate(rows):
+            if duplicate[r]:
+                continue
+            for q in rows[a + 1:]:
+                d = np.hypot((ra[q] - ra[r]) * np.cos(np.deg2rad(dec[r])), dec[q] - dec[r]) * 3600
+                if d < cfg.duplicate_arcsec:
+                    duplicate[q] = True
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = flux / ferr
         cmsig = _MAG * ferr / flux
@@ -175,7 +198,8 @@ def band_photometry(psf: Table, aper: Table, *, r1: Table | None = None, saturat
     psfchi = np.where(rd == flags.RD_PSF, np.asarray(psf["psfchi"], float), np.nan)
     good_frames = flags.frames_ok(n_det, n_meas, m, band)
     out = Table()
-    for c in ("ra", "dec", "ra_err", "dec_err"):
+    out["ra"], out["dec"] = ra, dec
+    for c in ("ra_err", "dec_err"):
         out[c] = np.asarray(psf[c], float)
     out["flux"], out["flux_err"] = flux, ferr
     out["m"], out["cmsig"], out["msigcom"], out["snr"] = m, cmsig, msigcom, snr
@@ -187,6 +211,7 @@ def band_photometry(psf: Table, aper: Table, *, r1: Table | None = None, saturat
     out["ndet"] = np.asarray(aper["ndet"]).astype("<U2")
     out["n_det"], out["n_meas"] = n_det, n_meas
     out["psf_flux"], out["psf_flux_err"], out["psf_status"] = pf, pe, st
+    out["duplicate"] = duplicate
     out.meta.update(psf_norm=norm, psf_norm_err=norm_err, psf_norm_n=int(ratio.size),
                     psf_error_floor=floor)
     assert len(out) == n

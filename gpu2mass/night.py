@@ -303,7 +303,8 @@ def _point_sources(night: Night, info, per_band, images, cfg: RunConfig, timer):
         bp["snr"] = np.where(np.isfinite(meas) & (meas > 0), meas,
                              np.maximum(np.asarray(found["snr"], float), 0.1))
         bp["x"], bp["y"] = geo.sky_to_pixel(0, np.asarray(bp["ra"]), np.asarray(bp["dec"]))
-        bands[band] = bp
+        bands[band] = bp[~np.asarray(bp["duplicate"])]
+        bands[band].remove_column("duplicate")
     with timer("bandmerge"):
         merged = run_bandmerge(bands, config=cfg.bandmerge)
         limits = {}

@@ -340,8 +340,14 @@ def run_psf_photometry(frames, *, mask, noise, geometry: FrameGeometry, psf_alph
     st |= np.where(np.asarray(split)[gid], PSF_STATUS_BITS["group_split"], 0).astype(np.int32)
     out["status"] = st
     none = out["nframes"] == 0
+    # A fit that failed (singular, no data, non-positive flux) has no position worth more
+    # than the Atlas detection's: keep that.
+    failed = none | ((st & (PSF_STATUS_BITS["singular"] | PSF_STATUS_BITS["no_data"]
+                            | PSF_STATUS_BITS["nonpositive_flux"])) != 0)
     for c in ("ra", "dec"):
-        out[c][none] = (ra if c == "ra" else dec)[none]
+        out[c][failed] = (ra if c == "ra" else dec)[failed]
+    for c in ("ra_err", "dec_err"):
+        out[c][failed] = np.nan
     for c in ("ra_err", "dec_err", "flux", "flux_err", "psfchi"):
         out[c][none] = np.nan
     if none.all():

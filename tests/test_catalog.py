@@ -28,7 +28,7 @@ def test_regimes_and_normalisation(rng):
     aper["n_sat"][-3:] = 2  # saturated in R2-R1: R1 photometry for two, nothing for one
     r1 = Table({"index": [37, 38], "r1_status": [1, 1], "flux_stdap": [3e5, 4e5],
                 "flux_stdap_err": [3e3, 4e3]})
-    fit = Table({"index": [39], "flux": [9e5], "flux_err": [9e4]})
+    fit = Table({"index": [39], "flux": [9e5], "flux_err": [9e4], "ra": [10.0], "dec": [0.2]})
     t = band_photometry(psf, aper, r1=r1, saturated_fit=fit, zp=20.0, band="K")
     assert abs(t.meta["psf_norm"] - 1 / 0.9) < 0.003
     rd = np.asarray(t["rd_flg"])
@@ -37,6 +37,7 @@ def test_regimes_and_normalisation(rng):
     ok = rd == 2
     np.testing.assert_allclose(t["m"][ok], 20.0 - 2.5 * np.log10(aper["flux_stdap"][ok]), atol=0.01)
     assert np.isclose(t["m"][-1], 20.0 - 2.5 * np.log10(9e5))
+    assert t["dec"][-1] == 0.2 and not t["duplicate"].any()  # the profile fit's position
     # ph_qual follows the SNR: the faintest are C/D, the bright ones A; rd_flg 4 is E.
     assert t["ph_qual"][3] == "E" and t["ph_qual"][20] == "A"
     assert set(t["bl_flg"]) <= set("1")
@@ -67,3 +68,12 @@ def test_merged_rows(rng):
     assert all(pts["ph_qual"][i][2] == "U" and pts["k_m"][i] == 16.5 for i in rows)
     assert all(len(s) == 3 for s in pts["ph_qual"]) and all(len(s) == 6 for s in pts["ndet"])
     assert np.all(pts["err_maj"] >= pts["err_min"]) and np.all(pts["scan"] == 3)
+
+
+def test_a_saturated_star_detected_twice_is_one(rng):
+    psf, aper = _inputs(rng, n=6)
+    aper["n_sat"][-2:] = 3
+    fit = Table({"index": [4, 5], "flux": [8e5, 9e5], "flux_err": [8e4, 9e4],
+                 "ra": [10.0, 10.0], "dec": [0.1, 0.1 + 3.0 / 3600]})
+    t = band_photometry(psf, aper, saturated_fit=fit, zp=20.0, band="J")
+    assert list(t["duplicate"]) == [False] * 4 + [True, False]
