@@ -166,11 +166,12 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
         table["n_det"].append(np.bincount(np.asarray(det["frame"], np.int64), minlength=n))
         table["n_det_r1"].append(np.bincount(np.asarray(det_r1["frame"], np.int64), minlength=n))
     images = {b: [] for b in per_band}
+    noises = {}
     with timer("atlas"):
         grids = plan_atlas_grids({b: per_band[b][1].geometry for b in per_band}, config=cfg.atlas)
         for band, (cal, reg, tr, det, _det_r1) in per_band.items():
             mask = (cal.mask_r2r1 != 0) | xp.asarray(tr.mask)
-            noise = pixel_noise(cal.r2r1, mask)
+            noise = noises[band] = pixel_noise(cal.r2r1, mask)
             seeing = float(np.median(sampled_fwhm_table(np.asarray(det.meta["seeing_fwhm"]),
                                                         scale=reg.geometry.band.scale_arcsec)))
             for k, grid in enumerate(grids):
@@ -183,7 +184,8 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
                 write_atlas(path, img)
                 outcome.products.append(str(path.relative_to(staging)))
                 images[band].append(img)
-    pts = _point_sources(night, info, per_band, images, cfg, timer)
+    mjd_mid = float(np.mean(scan[inst.bands[0]].frames["MJD"]))
+    pts = _point_sources(night, info, per_band, images, noises, mjd_mid, cfg, timer)
     path = products.scan_dir(staging, info.number) / "pts.parquet"
     products.write_table(path, pts)
     outcome.products.append(str(path.relative_to(staging)))
@@ -202,7 +204,8 @@ def _own_zone(t, img, overlap_px: float, first: bool, last: bool):
     return t[keep]
 
 
-def _point_sources(night: Night, info, per_band, images, cfg: RunConfig, timer):
+def _point_sources(night: Night, info, per_band, images, noises, mjd_mid: float, cfg: RunConfig,
+                   timer):
     """Atlas detection, PSF model and photometry, aperture and R1 photometry per band, then
     band merging into the scan's point-source rows (composition only: the science is in the
     step modules)."""
@@ -220,7 +223,7 @@ def _point_sources(night: Night, info, per_band, images, cfg: RunConfig, timer):
     from gpu2mass.brightstars import run_saturated_photometry
     from gpu2mass.catalog import assemble_point_sources, band_photometry
     from gpu2mass.detect import DetectWarning, run_detect
-    from gpu2mass.frames import MASK_R1_SATURATED, MASK_SATURATED, UNUSABLE_R1, pixel_noise
+    from gpu2mass.frames import MASK_R1_SATURATED, MASK_SATURATED, UNUSABLE_R1
     from gpu2mass.geometry import tan_project
     from gpu2mass.psfmodel import run_psf_model
     from gpu2mass.psfphot import run_psf_photometry
@@ -248,7 +251,7 @@ def _point_sources(night: Night, info, per_band, images, cfg: RunConfig, timer):
         if found is None or len(found) == 0:
             continue
         mask = (cal.mask_r2r1 != 0) | xp.asarray(tr.mask)
-        noise = pixel_noise(cal.r2r1, mask)
+        noise = noises[band]  # the Atlas step's: the same frames and mask
         with timer("psfmodel"):
             model = run_psf_model(cal.r2r1, mask=mask, noise=noise, detections=det,
                                   config=replace(cfg.psfmodel, pixel_scale_arcsec=geo.band.scale_arcsec,
@@ -322,8 +325,8 @@ def _point_sources(night: Night, info, per_band, images, cfg: RunConfig, timer):
                                                 zp_mag=cfg.transients.zero_point[band])
                     m_ul[lost[on]] = np.asarray(ul["m_ul"].filled(np.nan), float)
             limits[band] = {"m_ul": np.ma.masked_invalid(m_ul)}
-        jdate = 2400000.5 + float(np.mean(night.load_scan(info.number)[inst.bands[0]].frames["MJD"]))
-        pts = assemble_point_sources(merged, scan=info.number, ra0=ra0, dec0=dec0, jdate=jdate,
+        pts = assemble_point_sources(merged, scan=info.number, ra0=ra0, dec0=dec0,
+                                     jdate=2400000.5 + mjd_mid,
                                      upper_limits=limits)
     with timer("artifacts"):
         # Bright-star artifacts: spikes, persistence ghosts, stripes, halos (cc_flg letters;
