@@ -6,7 +6,9 @@ and the meteor and satellite streaks they line up into (facts sheet 2.3, 2MAPPS 
 - Solos brighter than J 15.0 / H 14.5 / Ks 14.0 are masked with a 5" radius in their frame
   only. Solos sharper than any star (fraction of flux in the peak pixel above
   ``cosmic_ray_fpeak``: cosmic rays and hot pixels) are masked with ``cosmic_ray_radius_px``
-  whatever their brightness, so that they cannot survive into the Atlas Images.
+  whatever their brightness, so that they cannot survive into the Atlas Images; so are
+  sharp detections where no other frame covers the sky (the ends of a scan), which can be
+  neither confirmed nor rejected in the coadd.
 - **Streaks**: in each frame, the line through two solos that has the most solos within
   3" of it is taken if it has ≥ 15 of them over ≥ 20"; its solos are removed and the search
   repeats. A streak is blanked edge to edge across its frame with width 6 × (count // 8)
@@ -184,10 +186,12 @@ def run_transients(detections, *, geometry: FrameGeometry, band: str, nframes: i
     tree = cKDTree(pts)
     cover = _covering(geometry, ra, dec, nframes)
     solo = np.zeros(x.size, bool)
+    alone = np.zeros(x.size, bool)  # where no other frame covers the sky (ends of a scan)
     for i, nb in enumerate(tree.query_ball_point(pts, cfg.confirm_radius_arcsec)):
         others = [g for g in cover[i] if g != frame[i]]
         if not others:
-            continue  # seen by no other frame: nothing to confirm or refute it
+            alone[i] = True  # seen by no other frame: nothing to confirm or refute it
+            continue
         confirmed = any(frame[j] != frame[i] for j in nb)
         solo[i] = not confirmed
     # Masks around bright or sharp solos.
@@ -195,9 +199,12 @@ def run_transients(detections, *, geometry: FrameGeometry, band: str, nframes: i
         mag = cfg.zero_point[band] - 2.5 * np.log10(np.maximum(flux, 1e-3))
     r_bright = cfg.solo_mask_radius_arcsec / cfg.pixel_scale_arcsec
     yy, xx = np.mgrid[0:ny, 0:nx]
-    for i in np.flatnonzero(solo):
-        r = r_bright if mag[i] < cfg.solo_mask_mag[band] else (
-            cfg.cosmic_ray_radius_px if fpeak[i] > cfg.cosmic_ray_fpeak else 0.0)
+    sharp = fpeak > cfg.cosmic_ray_fpeak
+    for i in np.flatnonzero(solo | (alone & sharp)):
+        # Where one frame alone covers the sky only sharpness can tell a cosmic ray (no
+        # other frame and no coadd rejection will): those are masked too.
+        r = r_bright if solo[i] and mag[i] < cfg.solo_mask_mag[band] else (
+            cfg.cosmic_ray_radius_px if sharp[i] else 0.0)
         if r > 0:
             y0, y1 = max(int(y[i] - r) - 1, 0), min(int(y[i] + r) + 2, ny)
             x0, x1 = max(int(x[i] - r) - 1, 0), min(int(x[i] + r) + 2, nx)

@@ -87,3 +87,23 @@ def test_no_detections(tiny_night):
     empty = {"frame": np.array([], int), "x": np.array([]), "y": np.array([]), "flux": np.array([])}
     res = run_transients(empty, geometry=geo, band="H", nframes=geo.nframes)
     assert res.solo.size == 0 and not res.mask.any() and res.streaks == ()
+
+
+def test_sharp_detections_no_other_frame_covers_are_masked(tiny_night, rng):
+    """At the end of a scan one frame alone covers the sky: a cosmic ray there can be
+    neither confirmed nor rejected in the coadd, so a detection sharper than any star is
+    masked; a star-like one (fpeak 0.3) is left alone."""
+    det, geo, sci, *_ = _truth_detections(tiny_night, "K", rng)
+    n = sci["nframes"]
+    # The last frame's far edge: no other frame holds it (the scan moves along y).
+    x_end, y_end = 128.0, 252.0 if geo.dec[-1] > geo.dec[0] else 3.0
+    ra, dec = geo.pixel_to_sky(n - 1, x_end, y_end)
+    fx, fy = geo.sky_to_pixel(np.arange(n - 1), ra, dec)
+    assert not np.any((fx > 2) & (fx < 253) & (fy > 2) & (fy < 253))
+    extra = {k: np.concatenate([v, np.asarray(a)]) for (k, v), a in zip(
+        det.items(), ([n - 1, n - 1], [x_end, x_end - 40.0], [y_end, y_end], [300.0, 300.0],
+                      [0.9, 0.3], ["cr", "star"]), strict=True)}
+    res = run_transients(extra, geometry=geo, band="K", nframes=n)
+    assert res.mask[n - 1, int(y_end), int(x_end)]
+    assert not res.mask[n - 1, int(y_end), int(x_end - 40.0)]
+    assert not res.solo[-2:].any()
