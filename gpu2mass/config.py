@@ -37,6 +37,7 @@ STEP_CONFIGS = {
     "bandmerge": ("gpu2mass.bandmerge", "BandMergeConfig"),
     "artifacts": ("gpu2mass.artifacts", "ArtifactConfig"),
     "catalog": ("gpu2mass.catalog", "CatalogConfig"),
+    "astrometry": ("gpu2mass.astrometry", "AstrometryConfig"),
 }
 
 
