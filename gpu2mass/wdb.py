@@ -186,8 +186,10 @@ def load_night(out_dir: str | Path, db_path: str | Path | None = None) -> dict[s
     InputError
         ``run.json`` is missing or unreadable, or the night's date cannot be found.
     StepError
-        The database refused the load (e.g. a column whose type conflicts with an earlier
-        night's); the database is left as it was.
+        The database cannot be opened (another process holds it) or refused the load (e.g.
+        a column whose type conflicts with an earlier night's); the database is left as it
+        was. Any other exception during the load (an unreadable product) also leaves it as
+        it was.
     """
     import duckdb
 
@@ -203,7 +205,11 @@ def load_night(out_dir: str | Path, db_path: str | Path | None = None) -> dict[s
     calibration_text = _optional_text(out_dir / "night" / "calibration.json")
 
     db.parent.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(str(db))
+    try:
+        con = duckdb.connect(str(db))
+    except duckdb.Error as exc:  # e.g. another process holds the file's lock
+        raise StepError(f"{db}: cannot open the working database to load night {night} "
+                        f"({out_dir}): {exc}") from exc
     counts = dict.fromkeys(TABLES, 0)
     try:
         con.execute("BEGIN TRANSACTION")

@@ -437,3 +437,15 @@ def test_run_query_errors(loaded, tmp_path):
     with pytest.raises(InputError, match="read-only"):
         wdb.run_query(db, "DELETE FROM pts")
     assert query(db, "SELECT count(*) FROM pts") == [(18,)]
+
+
+def test_database_held_elsewhere_is_a_step_error(loaded):
+    out, db, _, _ = loaded
+    before = snapshot(db)
+    holder = duckdb.connect(str(db), read_only=True)  # a reader with another configuration
+    try:
+        with pytest.raises(StepError, match="cannot open the working database"):
+            wdb.load_night(out)
+    finally:
+        holder.close()
+    assert snapshot(db) == before
