@@ -114,8 +114,9 @@ XSC_COLUMN_TYPES: dict[str, str] = {
 
 _KEY_TYPES = {"night": "VARCHAR", "hemis": "VARCHAR"}
 
-#: ``scans`` columns the loader sets itself; a QA figure of the same name is stored as
-#: ``qa_<name>`` instead.
+#: ``scans`` columns the loader sets itself. A QA figure of the same name (``mjd_start``,
+#: ``mjd_end``) fills the column only where the loader has no value of its own (a failed
+#: scan has no frames table); the whole ``qa.json`` stays in the ``qa`` column as JSON text.
 _SCAN_COLUMN_TYPES = {
     "night": "VARCHAR", "hemis": "VARCHAR", "scan": "INTEGER", "type": "VARCHAR",
     "status": "VARCHAR", "run_status": "VARCHAR", "reason": "VARCHAR", "score": "DOUBLE",
@@ -148,6 +149,7 @@ _NIGHT_COLUMN_TYPES = {
     "n_xsc": "BIGINT", "n_atlas": "BIGINT", "seconds_total": "DOUBLE",
     "peak_host_memory_mb": "DOUBLE", "peak_device_memory_mb": "DOUBLE",
     "versions": "VARCHAR", "config": "VARCHAR", "calibration": "VARCHAR",
+    "calibration_reasons": "VARCHAR[]",
 }
 
 _TABLE_TYPES = {"nights": _NIGHT_COLUMN_TYPES, "scans": _SCAN_COLUMN_TYPES,
@@ -562,10 +564,17 @@ def _scans_table(out_dir: Path, scans: list[dict], atlas, key: Mapping[str, str]
         if s["qa"] is not None:
             row["qa"] = json.dumps(s["qa"], sort_keys=True)
             for k, v in _flatten_qa(s["qa"]).items():
-                if k in ("scan", "status", "score", "reasons"):
-                    continue
-                row[f"qa_{k}" if k in _SCAN_COLUMN_TYPES else k] = v
+                if k not in _SCAN_COLUMN_TYPES or row.get(k) is None:
+                    row[k] = v
         rows.append(row)
+    # An object null in some scans (a failed scan's "factors": null) and flattened in others
+    # ("factors_seeing", ...) would leave an empty "factors" column: drop it.
+    names = {k for r in rows for k in r}
+    for col in {k for k in names if k not in _SCAN_COLUMN_TYPES
+                and all(r.get(k) is None for r in rows)
+                and any(n.startswith(k + "_") for n in names)}:
+        for r in rows:
+            r.pop(col, None)
     return _from_rows(rows, _SCAN_COLUMN_TYPES)
 
 
@@ -593,7 +602,8 @@ def _nights_table(out_dir: Path, run: dict, key: Mapping[str, str], scans: list[
            "peak_device_memory_mb": run.get("peak_device_memory_mb"),
            "versions": json.dumps(versions, sort_keys=True) if versions else None,
            "config": json.dumps(run["config"], sort_keys=True) if "config" in run else None,
-           "calibration": calibration_text}
+           "calibration": calibration_text,
+           "calibration_reasons": (calibration or {}).get("reasons") or None}
     row.update(_calibration_scalars(calibration))
     return _from_rows([row], _NIGHT_COLUMN_TYPES)
 
@@ -611,6 +621,8 @@ def _calibration_scalars(calibration) -> dict:
         if str(band).lower() not in _BANDS or not isinstance(figures, Mapping):
             continue
         for k, v in figures.items():
+            if k == "band":
+                continue
             if isinstance(v, bool | int | float | str) or v is None:
                 if isinstance(v, float) and not math.isfinite(v):
                     v = None

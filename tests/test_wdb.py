@@ -53,6 +53,10 @@ def _qa(scan: int, status: str) -> dict:
           "bands": {b: {"seeing_fwhm": 2.5 + 0.1 * i + 0.01 * scan, "m10": 15.0 - i,
                         "n_sources": 100 + i, "astrometric_rms_arcsec": None}
                     for i, b in enumerate("JHK")}}
+    # As gpu2mass.qa writes them: a scan's own time span, score factors (null when failed).
+    qa["scan_type"] = SCANS[scan][0]
+    qa["mjd_start"] = None if status == "failed" else 1.0
+    qa["factors"] = None if status == "failed" else {"seeing": 10, "airglow": 1}
     if status != "ok":
         qa["reasons"] = [f"scan {scan}: seeing too broad", "background high"]
     return qa
@@ -110,8 +114,8 @@ def make_out(root, *, night: str = NIGHT, observatory: str = "s", seed: int = 1,
                              magzp=zp + 0.001 * img)
     (root / "night").mkdir()
     (root / "night" / "calibration.json").write_text(json.dumps({
-        "status": "calibrated",
-        "bands": {b: {"form": "linear", "c2": c2, "residual_rms": 0.012,
+        "status": "calibrated", "reasons": ["K: 2 standards clipped"],
+        "bands": {b: {"band": b, "form": "linear", "c2": c2, "residual_rms": 0.012,
                       "residuals": [{"field": "f1", "resid": 0.01}]}
                   for b, c2 in zip("JHK", (0.109, 0.031, 0.061))}}))
     (root / "run.json").write_text(json.dumps({
@@ -241,6 +245,11 @@ def test_scans_qa_figures_frames_and_zero_points(loaded):
     assert row[12] == pytest.approx(20.9015)  # median of the scan's two J images
     assert row[13] == pytest.approx(0.01)
     assert row[14] == 2
+    # QA figures beside the loader's own: the frames' time span wins, factors flattened.
+    cols = {r[0] for r in query(db, "DESCRIBE scans")}
+    assert {"scan_type", "factors_seeing", "factors_airglow"} <= cols
+    assert not {"factors", "qa_mjd_start"} & cols
+    assert query(db, "SELECT factors_airglow, scan_type FROM scans WHERE scan = 21") == [(1, "cal")]
     failed = query(db, "SELECT j_magzp, mjd_start, j_seeing_fwhm FROM scans WHERE scan = 23")[0]
     assert failed[:2] == (None, None) and failed[2] == _qa(23, "failed")["bands"]["J"]["seeing_fwhm"]
 
@@ -282,7 +291,7 @@ def test_nights_row(loaded):
     row = query(db, "SELECT night, hemis, manifest_sha256, device, gpu2mass_version, "
                     "calibration_status, exit_status, n_scans, n_scans_loaded, n_scans_failed, "
                     "n_pts, n_atlas, seconds_total, calibration, j_cal_c2, k_cal_form, "
-                    "h_cal_residual_rms, config, out_dir FROM nights")
+                    "h_cal_residual_rms, config, out_dir, calibration_reasons FROM nights")
     assert len(row) == 1
     r = row[0]
     assert r[:13] == (NIGHT, "s", "ab" * 32, "cpu", "0.1.0", "calibrated", 1, 4, 2, 2,
@@ -291,6 +300,8 @@ def test_nights_row(loaded):
     assert r[14:17] == (0.109, "linear", 0.012)
     assert json.loads(r[17]) == {"psc": {"edge_margin_arcsec": 10.0}}
     assert r[18] == str(out.resolve())
+    assert r[19] == ["K: 2 standards clipped"]
+    assert "j_cal_band" not in {c[0] for c in query(db, "DESCRIBE nights")}
 
 
 def test_failure_mid_load_leaves_previous_content(loaded, monkeypatch):
