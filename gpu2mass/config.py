@@ -38,6 +38,7 @@ STEP_CONFIGS = {
     "artifacts": ("gpu2mass.artifacts", "ArtifactConfig"),
     "catalog": ("gpu2mass.catalog", "CatalogConfig"),
     "astrometry": ("gpu2mass.astrometry", "AstrometryConfig"),
+    "psc": ("gpu2mass.psc", "PscConfig"),
 }
 
 
