@@ -42,6 +42,7 @@ table, CSV text, or a Parquet file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -155,6 +156,7 @@ _NIGHT_COLUMN_TYPES = {
 _TABLE_TYPES = {"nights": _NIGHT_COLUMN_TYPES, "scans": _SCAN_COLUMN_TYPES,
                 "atlas": _ATLAS_COLUMN_TYPES, "pts": PTS_COLUMN_TYPES, "xsc": XSC_COLUMN_TYPES}
 
+
 def database_path(out_dir_or_db: str | Path) -> Path:
     """The database file: ``out_dir_or_db`` itself, or ``<dir>/wdb.duckdb`` for a directory."""
     p = Path(out_dir_or_db)
@@ -242,7 +244,8 @@ def load_night(out_dir: str | Path, db_path: str | Path | None = None) -> dict[s
             counts["nights"] = 1
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            with contextlib.suppress(duckdb.Error):  # keep the original error in view
+                con.execute("ROLLBACK")
             raise
     except duckdb.Error as exc:
         raise StepError(f"{db}: loading night {night} ({out_dir}) failed, the database is "

@@ -12,15 +12,14 @@ import io
 import json
 import math
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-duckdb = pytest.importorskip("duckdb")
-
-from gpu2mass import wdb  # noqa: E402
-from gpu2mass.errors import InputError, StepError  # noqa: E402
+from gpu2mass import wdb
+from gpu2mass.errors import InputError, StepError
 
 NIGHT = "2001-06-01"
 #: scan -> (type, run.json status, QA status, number of pts rows)
@@ -167,7 +166,7 @@ def test_load_counts_and_reload_leaves_same_rows(loaded):
 
 
 def test_failed_scans_only_in_scans_table(loaded):
-    out, db, tables, _ = loaded
+    _out, db, _tables, _ = loaded
     per_scan = dict(query(db, "SELECT scan, count(*) FROM pts GROUP BY scan"))
     assert per_scan == {21: 7, 22: 11}  # 23 failed in the run, 24 failed its QA
     rows = {r[0]: r[1:] for r in query(
@@ -225,7 +224,7 @@ def test_xsc_table_without_files_has_spec_columns(loaded, tmp_path):
 
 
 def test_scans_qa_figures_frames_and_zero_points(loaded):
-    out, db, _, _ = loaded
+    _out, db, _, _ = loaded
     row = query(db, "SELECT score, j_seeing_fwhm, h_m10, k_n_sources, j_astrometric_rms_arcsec,"
                     " qa, mjd_start, mjd_end, airmass, ra, dec, n_frames, j_magzp, h_magzperr,"
                     " k_n_atlas FROM scans WHERE scan = 22")[0]
@@ -328,7 +327,7 @@ def test_failure_mid_load_leaves_previous_content(loaded, monkeypatch):
 
 
 def test_database_error_is_a_step_error_and_changes_nothing(loaded, tmp_path):
-    out, db, _, _ = loaded
+    _out, db, _, _ = loaded
     before = snapshot(db)
 
     def text_healpix(scan, t):  # a column whose type conflicts with the stored one
@@ -342,17 +341,17 @@ def test_database_error_is_a_step_error_and_changes_nothing(loaded, tmp_path):
 
 
 def test_nights_share_a_database_and_schemas_evolve(loaded, tmp_path):
-    out, db, tables, _ = loaded
+    out, db, _tables, _ = loaded
 
     def evolve(scan, t):  # night B: one more column, one less, an integer column widened
         t = t.drop_columns(["designation"]).append_column("new_col", pa.array([1.5] * t.num_rows))
         return t.set_column(t.schema.get_field_index("pts_key"), "pts_key",
                             pa.array(np.arange(t.num_rows) + 0.5))
 
-    other, tables_b = make_out(tmp_path / "b", night="2001-06-02", seed=2, pts_hook=evolve)
+    other, _tables_b = make_out(tmp_path / "b", night="2001-06-02", seed=2, pts_hook=evolve)
     wdb.load_night(other, db)
     # The same UT date seen from the other hemisphere is a different night.
-    north, tables_n = make_out(tmp_path / "n", observatory="n", seed=3)
+    north, _tables_n = make_out(tmp_path / "n", observatory="n", seed=3)
     wdb.load_night(north, db)
     nights = query(db, "SELECT night, hemis, count(*) FROM pts GROUP BY 1, 2 ORDER BY 1, 2")
     assert nights == [(NIGHT, "n", 18), (NIGHT, "s", 18), ("2001-06-02", "s", 18)]
@@ -401,7 +400,7 @@ def test_flatten_qa_shapes():
 
 
 def test_run_query_formats(loaded, tmp_path):
-    out, db, tables, _ = loaded
+    out, db, _tables, _ = loaded
     sql = "SELECT scan, pts_key, j_m, ph_qual FROM pts ORDER BY pts_key"
     expected = query(db, sql)
 
@@ -436,7 +435,7 @@ def test_run_query_formats(loaded, tmp_path):
 
 
 def test_run_query_errors(loaded, tmp_path):
-    out, db, _, _ = loaded
+    _out, db, _, _ = loaded
     with pytest.raises(InputError, match="no working database"):
         wdb.run_query(tmp_path / "nothing.duckdb", "SELECT 1")
     with pytest.raises(InputError, match="output"):
