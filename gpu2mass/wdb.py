@@ -74,7 +74,8 @@ def _band_types(pattern: Mapping[str, str]) -> dict[str, str]:
 #: DuckDB types of the §3.1/§3.2 point-source columns, from the 2MASS PSC column definitions
 #: (Explanatory Supplement §2.2a), used for a column that is null in every row of its file and
 #: for the table a night without any point-source file creates. Integers where the PSC has
-#: integers (keys, counts, 0/1 flags), text for flag strings, ``DATE`` for ``date``.
+#: integers (keys, counts, 0/1 flags, edge distances in whole arcsec), text for flag strings
+#: and for ``date`` (``YYYY-MM-DD``, as :mod:`gpu2mass.psc` writes it).
 PTS_COLUMN_TYPES: dict[str, str] = {
     "ra": "DOUBLE", "dec": "DOUBLE", "err_maj": "DOUBLE", "err_min": "DOUBLE",
     "err_ang": "DOUBLE", "designation": "VARCHAR",
@@ -83,11 +84,11 @@ PTS_COLUMN_TYPES: dict[str, str] = {
     "ph_qual": "VARCHAR", "rd_flg": "VARCHAR", "bl_flg": "VARCHAR", "cc_flg": "VARCHAR",
     "ndet": "VARCHAR", "prox": "DOUBLE", "pxpa": "INTEGER", "pxcntr": "BIGINT",
     "gal_contam": "INTEGER", "mp_flg": "INTEGER", "pts_key": "BIGINT", "hemis": "VARCHAR",
-    "date": "DATE", "scan": "INTEGER", "glon": "DOUBLE", "glat": "DOUBLE", "x_scan": "DOUBLE",
+    "date": "VARCHAR", "scan": "INTEGER", "glon": "DOUBLE", "glat": "DOUBLE", "x_scan": "DOUBLE",
     "jdate": "DOUBLE",
     **_band_types({"{b}_psfchi": "DOUBLE", "{b}_m_stdap": "DOUBLE",
                    "{b}_msig_stdap": "DOUBLE"}),
-    "dist_edge_ns": "DOUBLE", "dist_edge_ew": "DOUBLE", "dist_edge_flg": "VARCHAR",
+    "dist_edge_ns": "INTEGER", "dist_edge_ew": "INTEGER", "dist_edge_flg": "VARCHAR",
     "dup_src": "INTEGER", "use_src": "INTEGER", "ext_key": "BIGINT", "scan_key": "BIGINT",
     "coadd_key": "BIGINT", "coadd": "INTEGER",
     "healpix_29": "BIGINT",
@@ -442,10 +443,8 @@ def _atlas_table(out_dir: Path, key: Mapping[str, str]):
     east-left image); the centre is the middle of the grid, ((NAXIS1 + 1) / 2,
     (NAXIS2 + 1) / 2).
     """
-    import warnings
-
     from astropy.io import fits
-    from astropy.wcs import WCS, FITSFixedWarning
+    from astropy.wcs import WCS
 
     rows = []
     pattern = re.compile(r"^([a-z]+)_(\d+)_(\d+)\.fits$")
@@ -458,10 +457,7 @@ def _atlas_table(out_dir: Path, key: Mapping[str, str]):
         except OSError as exc:
             raise InputError(path, f"cannot be read as an Atlas Image FITS file ({exc})") from None
         nx, ny = int(header.get("NAXIS1", 0)), int(header.get("NAXIS2", 0))
-        with warnings.catch_warnings():
-            # DATE-OBS-free headers make astropy note what it fixed; nothing to act on.
-            warnings.simplefilter("ignore", FITSFixedWarning)
-            wcs = WCS(header, naxis=2)
+        wcs = WCS(header, naxis=2)
         # 0-based pixel coordinates: centre (n - 1) / 2, outer edges -0.5 and n - 0.5.
         px = np.array([(nx - 1) / 2, -0.5, nx - 0.5, nx - 0.5, -0.5])
         py = np.array([(ny - 1) / 2, -0.5, -0.5, ny - 0.5, ny - 0.5])
