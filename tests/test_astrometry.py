@@ -182,8 +182,15 @@ def test_errors_and_config():
     def nothing(ra_range, dec_range, epoch):
         return ReferenceStars(*(np.zeros(0) for _ in range(4)), "empty")
 
-    with pytest.raises(StepError, match="cannot be tied to the sky"):
-        solve_night_astrometry(scans, frames, nothing)
+    # No reference stars: nothing is solved, positions and errors stay as they were.
+    sol = solve_night_astrometry(scans, frames, nothing, config=AstrometryConfig(psfchi_power=0.0))
+    assert sol.status.startswith("not solved: only 0 point sources")
+    out = sol.apply(1, scans[1])
+    assert np.array_equal(out["ra"], scans[1]["ra"]) and np.array_equal(out["dec"], scans[1]["dec"])
+    assert np.allclose(out["err_maj"], scans[1]["err_maj"])
+    assert sol.figures(1) == {} and json.dumps(sol.to_dict())
+    with pytest.raises(StepError, match="scan 7 is not part"):
+        sol.apply(7, scans[1])
     with pytest.raises(StepError, match="scan 1: no frames table"):
         solve_night_astrometry(scans, {}, nothing)
     with pytest.raises(ConfigError):
