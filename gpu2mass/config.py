@@ -39,6 +39,7 @@ STEP_CONFIGS = {
     "catalog": ("gpu2mass.catalog", "CatalogConfig"),
     "astrometry": ("gpu2mass.astrometry", "AstrometryConfig"),
     "psc": ("gpu2mass.psc", "PscConfig"),
+    "qa": ("gpu2mass.qa", "QaConfig"),
     "photcal": ("gpu2mass.photcal", "PhotcalConfig"),
 }
 
