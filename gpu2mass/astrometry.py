@@ -315,9 +315,9 @@ class NightAstrometry:
 
     def _offsets(self, scan: int, src: _Sources):
         """Correction (n, 2) arcsec and its covariance diagonal (n, 2) for sources of ``scan``."""
-        A = _design(self, scan, src)
-        corr = np.stack([A @ self.params[c] for c in (0, 1)], -1)
-        var = np.stack([np.einsum("ij,jk,ik->i", A, self.covariance[c], A) for c in (0, 1)], -1)
+        A, idx = _design(self, scan, src)
+        corr = np.stack([A @ self.params[c][idx] for c in (0, 1)], -1)
+        var = np.stack([np.einsum("ij,jk,ik->i", A, self.covariance[c][np.ix_(idx, idx)], A) for c in (0, 1)], -1)
         return corr, var
 
     def apply(self, scan: int, pts) -> Table:
@@ -392,21 +392,21 @@ class NightAstrometry:
                 "figures": {str(s): v for s, v in self.stats.items()}}
 
 
-def _design(sol_like, scan: int, src: _Sources) -> np.ndarray:
-    """(n, p) design matrix of ``scan``'s sources in the solution's parameter order."""
+def _design(sol_like, scan: int, src: _Sources) -> tuple[np.ndarray, np.ndarray]:
+    """Design matrix of ``scan``'s sources over the parameters that touch them: (n, q) with
+    q = 3 × degree + the scan's knots, and the (q,) indices of those parameters in the
+    solution's order (a night of many scans never builds a night-wide dense matrix)."""
     cfg = sol_like.config
     d = cfg.cross_scan_degree
-    nk = [sol_like.axes[s].knots.size for s in sol_like.scans]
-    A = np.zeros((src.ra.size, 3 * d + sum(nk)))
+    ax = sol_like.axes[scan]
+    A = np.zeros((src.ra.size, 3 * d + ax.knots.size))
     for k in range(3):
         # Legendre P1..Pd of the band's cross-scan position, times the band's share.
         V = legendre.legvander(src.xnorm[:, k], d)[:, 1:]
         A[:, k * d:(k + 1) * d] = src.weights[:, k, None] * V
-    i = sol_like.scans.index(scan)
-    off = 3 * d + sum(nk[:i])
-    ax = sol_like.axes[scan]
-    A[:, off:off + nk[i]] = ax.hats(ax.along(src.ra, src.dec))
-    return A
+    A[:, 3 * d:] = ax.hats(ax.along(src.ra, src.dec))
+    off = 3 * d + sum(sol_like.axes[s].knots.size for s in sol_like.scans[:sol_like.scans.index(scan)])
+    return A, np.concatenate([np.arange(3 * d), off + np.arange(ax.knots.size)])
 
 
 @dataclass
@@ -509,7 +509,8 @@ def solve_night_astrometry(scans: Mapping[int, Table], frames: Mapping[int, Mapp
     have = [s for s in order if matches[s][0].size]
     d = cfg.cross_scan_degree
     p = 3 * d + sum(axes[s].knots.size for s in order)
-    A = np.concatenate([_design(lay, s, srcs[s])[matches[s][0]] for s in have]) if have else np.zeros((0, p))
+    design = {s: _design(lay, s, srcs[s]) for s in have}
+    design = {s: (A_s[matches[s][0]], idx) for s, (A_s, idx) in design.items()}
     r = np.concatenate([matches[s][1] for s in have]) if have else np.zeros((0, 2))
     v_ref = np.concatenate([matches[s][2] for s in have]) if have else np.zeros(0)
     v_meas = np.concatenate([np.stack([srcs[s].cov[matches[s][0], 0, 0], srcs[s].cov[matches[s][0], 1, 1]], -1)
@@ -522,22 +523,40 @@ def solve_night_astrometry(scans: Mapping[int, Table], frames: Mapping[int, Mapp
     params = np.zeros((2, p))
     covs = np.zeros((2, p, p))
     chi2 = [1.0, 1.0]
+    bounds = np.cumsum([0] + [matches[s][0].size for s in have])
+    blocks = {s: slice(bounds[k], bounds[k + 1]) for k, s in enumerate(have)}
+
+    def model(par):
+        """(m, 2) the solution's offsets at the matches."""
+        out = np.zeros((r.shape[0], 2))
+        for s, sl in blocks.items():
+            A_s, idx = design[s]
+            out[sl] = np.stack([A_s @ par[c][idx] for c in (0, 1)], -1)
+        return out
+
     for _ in range(cfg.iterations):
         fl = np.array([floors[s] for s in scan_of]) ** 2
         var = v_meas + v_ref[:, None] + fl[:, None]
         for c in (0, 1) if solved else ():
             w = np.where(keep, 1.0 / var[:, c], 0.0)
-            N = (A.T * w) @ A + np.diag(prior)
+            # Normal equations accumulated scan by scan (each touches the cross-scan terms
+            # and its own knots only).
+            N = np.diag(prior)
+            rhs = np.zeros(p)
+            for s, sl in blocks.items():
+                A_s, idx = design[s]
+                N[np.ix_(idx, idx)] += (A_s.T * w[sl]) @ A_s
+                rhs[idx] += A_s.T @ (w[sl] * r[sl, c])
             try:
                 Ninv = np.linalg.inv(N)
             except np.linalg.LinAlgError as exc:
                 raise StepError(f"the night's astrometric solution is singular: {exc}") from None
-            params[c] = Ninv @ (A.T @ (w * r[:, c]))
-            res = r[:, c] - A @ params[c]
+            params[c] = Ninv @ rhs
+            res_c = r[:, c] - model(params)[:, c]
             dof = max(int(keep.sum()) - p, 1)
-            chi2[c] = float(np.sum(w * res**2) / dof)
+            chi2[c] = float(np.sum(w * res_c**2) / dof)
             covs[c] = Ninv * max(chi2[c], 1.0)
-        res = r - np.stack([A @ params[c] for c in (0, 1)], -1)
+        res = r - model(params)
         keep = np.all(np.abs(res) <= cfg.clip_sigma * np.sqrt(var), axis=1)
         # Floors from the unclipped residuals (both coordinates), per scan where there are
         # enough. (The fit lowers those residuals by the leverage of ~p/n_matches, < 5 %.)

@@ -182,12 +182,19 @@ def test_errors_and_config():
     def nothing(ra_range, dec_range, epoch):
         return ReferenceStars(*(np.zeros(0) for _ in range(4)), "empty")
 
+    # Elongated ellipses at assorted angles survive the trip through the covariance.
+    pts = scans[1]
+    pts["err_min"] = pts["err_maj"] * rng.uniform(0.3, 1.0, len(pts))
+    pts["err_ang"] = rng.uniform(0, 180, len(pts))
     # No reference stars: nothing is solved, positions and errors stay as they were.
     sol = solve_night_astrometry(scans, frames, nothing, config=AstrometryConfig(psfchi_power=0.0))
     assert sol.status.startswith("not solved: only 0 point sources")
-    out = sol.apply(1, scans[1])
-    assert np.array_equal(out["ra"], scans[1]["ra"]) and np.array_equal(out["dec"], scans[1]["dec"])
-    assert np.allclose(out["err_maj"], scans[1]["err_maj"])
+    out = sol.apply(1, pts)
+    assert np.array_equal(out["ra"], pts["ra"]) and np.array_equal(out["dec"], pts["dec"])
+    assert np.allclose(out["err_maj"], pts["err_maj"]) and np.allclose(out["err_min"], pts["err_min"])
+    elongated = np.asarray(pts["err_min"] < 0.95 * pts["err_maj"])
+    dang = np.mod(np.asarray(out["err_ang"] - pts["err_ang"]) + 90, 180) - 90
+    assert np.all(np.abs(dang[elongated]) < 1e-6)
     assert sol.figures(1) == {} and json.dumps(sol.to_dict())
     with pytest.raises(StepError, match="scan 7 is not part"):
         sol.apply(7, scans[1])
