@@ -31,10 +31,12 @@ Position errors (why the scan pipeline's are too small): the per-band PSF-fit er
 the core of the residual distribution well (normalised spread 0.9–1.0 against truth), but
 about 2 % of SNR > 20 sources sit 5–60 σ off: unresolved blends with a neighbour 0.5–3"
 away whose fitted position is the light centroid. Their PSF fits show it (reduced χ²
-``psfchi`` of 2–10 where isolated stars give 1.0–1.4), so the measurement covariance is
-scaled by the SNR-weighted ``psfchi`` of the source (the usual rescaling of a least-squares
-covariance by the fit's reduced χ²) before the solution's error and a systematic floor are
-added. The floor is measured per scan from the reference residuals: the smallest σ for which
+``psfchi`` of 2–10 where isolated stars give 1.0–1.4), and so do their band positions
+(blended stars of different colours have J, H and Ks centroids apart). The measurement
+covariance is scaled by the SNR-weighted ``psfchi`` of the source relative to the scan's
+typical one (the usual rescaling of a least-squares covariance by the fit's reduced χ²), or
+by the significant excess of its band separations over their errors, before the solution's
+error and a systematic floor are added. The floor is measured per scan from the reference residuals: the smallest σ for which
 the median normalised squared residual equals that of a unit Gaussian (0.455).
 """
 
@@ -97,6 +99,13 @@ class AstrometryConfig:
         source's SNR-weighted PSF-fit reduced χ² (``[jhk]_psfchi``), χ_typ its median over the
         scan's sources above ``min_snr`` (0.5: the covariance scales with the reduced χ², the
         usual least-squares rescaling; 0 turns it off). See the module docstring.
+    band_consistency, band_consistency_threshold
+        Also scale the errors of sources whose band positions disagree: the J–H and J–K
+        separations (``sep_j_h``, ``sep_j_k``) over the per-band errors give a χ² per pair;
+        its mean over pairs relative to the scan's median, where above the threshold (5: a
+        disagreement at the 3 % level for 2 degrees of freedom; below, the statistic of one
+        separation is too noisy to rescale by), scales the covariance (the larger of this and
+        the PSF-χ² factor is used).
     max_floor_arcsec
         Upper bound of the systematic floor search (0.5").
     min_floor_matches
@@ -118,6 +127,8 @@ class AstrometryConfig:
     clip_sigma: float = 4.0
     iterations: int = 4
     psfchi_power: float = 0.5
+    band_consistency: bool = True
+    band_consistency_threshold: float = 5.0
     max_floor_arcsec: float = 0.5
     min_floor_matches: int = 30
     min_reference_matches: int = 10
@@ -269,6 +280,29 @@ def _read_sources(pts, cfg: AstrometryConfig, scan: int) -> _Sources:
     typical = float(np.median(chi_eff[bright])) if bright.sum() >= 10 else 1.0
     ratio = np.maximum(chi_eff / max(typical, 1e-3), 1.0)
     scale = ratio ** (2 * cfg.psfchi_power) if cfg.psfchi_power > 0 else np.ones(n)
+    if cfg.band_consistency:
+        # Band positions that disagree by more than their errors allow: the per-band errors
+        # (σ_b = σ_merged · S / (√n_b · SNR_b) for SNR-weighted merging of errors ∝ 1/SNR)
+        # give each J–H, J–K separation a χ² with 2 degrees of freedom.
+        var_m = (maj**2 + mnr**2) / 2
+        nb = (snr > 0).sum(1)
+        tot1 = tot[:, 0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            var_b = var_m[:, None] * (tot1[:, None] / (np.sqrt(np.maximum(nb, 1))[:, None] * snr)) ** 2
+        chi_sep, npair = np.zeros(n), np.zeros(n)
+        for k, name in ((1, "sep_j_h"), (2, "sep_j_k")):
+            sep = _col(pts, name)
+            if sep is None:
+                continue
+            ok = np.isfinite(sep) & (snr[:, 0] > 0) & (snr[:, k] > 0)
+            v = np.where(ok, var_b[:, 0] + var_b[:, k], 1.0)
+            chi_sep += np.where(ok, sep**2 / v / 2, 0.0)
+            npair += ok
+        r_sep = np.where(npair > 0, chi_sep / np.maximum(npair, 1), np.nan)
+        use = bright & np.isfinite(r_sep)
+        typ = float(np.median(r_sep[use])) if use.sum() >= 10 else 1.0
+        rel = np.where(np.isfinite(r_sep), r_sep / max(typ, 1e-3), 0.0)
+        scale = np.maximum(scale, np.where(rel > cfg.band_consistency_threshold, rel, 1.0))
     return _Sources(ra, dec, cov * scale[:, None, None], w, xn, snr.max(1), scale)
 
 
