@@ -192,6 +192,16 @@ def _colnames(t) -> list[str]:
     return list(t.colnames) if hasattr(t, "colnames") else list(t.keys())
 
 
+def _epochs(ra, dec, frames: Mapping[str, np.ndarray], band: str) -> tuple[np.ndarray, np.ndarray]:
+    """Sources' MJD and airmass from the scan's frames of ``band``, or of another band when
+    that band has no frames (the bands of one frame are simultaneous)."""
+    have = set(np.asarray(frames["band"]).astype(str))
+    use = band if band in have else next((b for b in BANDS if b in have), None)
+    if use is None:
+        raise StepError(f"photcal: the frames table has no rows of any band {BANDS}")
+    return source_epochs(ra, dec, frames, use)
+
+
 def _unit_vectors(ra, dec) -> np.ndarray:
     r, d = np.deg2rad(ra), np.deg2rad(dec)
     return np.stack([np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)], axis=-1)
@@ -210,7 +220,8 @@ def calibration_matches(pts, frames: Mapping[str, np.ndarray], standards, *, sca
     frames
         The scan's frames table columns (``band``, ``mjd``, ``ra``, ``dec``, ``airmass``).
     standards
-        The night's standards (``field``, ``ra``, ``dec``, ``[jhk]_m``, ``[jhk]_msig``).
+        The night's standards (``field``, ``ra``, ``dec``, ``[jhk]_m``, ``[jhk]_msig``;
+        :attr:`gpu2mass.io.rawnight.Night.standards`), or None when the night has none.
     scan, field
         Scan number and its calibration field (the manifest's ``field``).
     zp_inst
@@ -228,6 +239,9 @@ def calibration_matches(pts, frames: Mapping[str, np.ndarray], standards, *, sca
     Empty (with a :class:`PhotcalWarning`) when the field has no standards or none is matched.
     """
     cfg = config
+    if standards is None or len(standards) == 0:
+        warnings.warn(f"calibration scan {scan}: the night has no standards", PhotcalWarning, stacklevel=2)
+        return _empty_matches(scan, field, zp_inst)
     nst = len(standards)
     sfield = _str_col(standards, "field", nst)
     in_field = np.flatnonzero(sfield == str(field))
@@ -294,7 +308,7 @@ def calibration_matches(pts, frames: Mapping[str, np.ndarray], standards, *, sca
                   & (claimed[j] == 1) & np.isfinite(cm) & (snr >= cfg.min_snr)
                   & (ms >= cfg.mag_bright[band]) & (ms <= cfg.mag_faint[band])
                   & ~(mss > cfg.max_std_msig))
-        mjd, airmass = source_epochs(pra[j], pdec[j], frames, band)
+        mjd, airmass = _epochs(pra[j], pdec[j], frames, band)
         t = Table()
         t["band"] = np.full(sel.size, band)
         t["scan"] = np.full(sel.size, int(scan), np.int32)
@@ -517,7 +531,7 @@ class BandCalibration:
         d["t_span_hours"] = [float(v) for v in self.t_span_hours]
         d["loo_rms"] = {k: (None if v is None or not math.isfinite(v) else float(v)) for k, v in self.loo_rms.items()}
         d["scans"] = [dict(s) for s in self.scans]
-        d["standards"] = [dict(s) for s in self.standards]
+        d["standards"] = _columnar(self.standards)
         d["zero_point_at_ref"] = (float(self.zp_inst + self.c1(self.t_ref_mjd))
                                   if self.status == "calibrated" else float(self.zp_inst))
         for k in ("residual_rms", "scan_residual_rms", "c2_err"):
@@ -532,10 +546,29 @@ class BandCalibration:
         kw["t_span_hours"] = tuple(float(v) for v in d.get("t_span_hours", (0.0, 0.0)))
         kw["loo_rms"] = {k: (float("nan") if v is None else float(v)) for k, v in d.get("loo_rms", {}).items()}
         kw["scans"] = tuple(dict(s) for s in d.get("scans", ()))
-        kw["standards"] = tuple(dict(s) for s in d.get("standards", ()))
+        cols = d.get("standards") or {}
+        n = len(next(iter(cols.values()))) if cols else 0
+        kw["standards"] = tuple({k: v[i] for k, v in cols.items()} for i in range(n))
         for k in ("residual_rms", "scan_residual_rms", "c2_err"):
             kw[k] = float("nan") if d.get(k) is None else float(d[k])
         return cls(**kw)
+
+
+#: Decimals kept in calibration.json's standards columns (1 µdeg = 3.6 mas, 0.1 mmag, 0.09 s).
+_DECIMALS = {"ra": 6, "dec": 6, "mjd": 6, "airmass": 4, "m_inst": 4, "m_std": 4, "sig": 4, "residual": 5}
+
+
+def _columnar(rows) -> dict:
+    """Row dicts as one list per column (calibration.json stays a few MB for a full night)."""
+    if not rows:
+        return {}
+    out = {}
+    for k in rows[0]:
+        v = [r[k] for r in rows]
+        if k in _DECIMALS:
+            v = [None if x is None else round(float(x), _DECIMALS[k]) for x in v]
+        out[k] = v
+    return out
 
 
 @dataclass(frozen=True)
@@ -856,7 +889,7 @@ def apply_calibration(pts, frames: Mapping[str, np.ndarray], calibration: NightC
         p = band.lower()
         if not any(c in out.colnames for c in (f"{p}_m", f"{p}_m_stdap")):
             continue
-        mjd, airmass = source_epochs(ra, dec, frames, band)
+        mjd, airmass = _epochs(ra, dec, frames, band)
         off = calibration.offset(band, mjd, airmass)
         err = calibration.offset_err(band, mjd, airmass)
         for name in (f"{p}_m", f"{p}_m_stdap"):
