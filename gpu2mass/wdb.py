@@ -647,9 +647,10 @@ def run_query(db_path_or_out_dir: str | Path, sql: str, *, fmt: str = "table",
         One SQL statement; the database is opened read-only, so statements that would
         change it are refused.
     fmt
-        ``"table"``: an aligned text table (numbers right-aligned, nulls shown as ``NULL``),
-        at most ``max_rows`` rows (the first and last halves, with a line saying how many
-        were left out) and cells cut to ``max_width`` characters. ``"csv"``: every row as
+        ``"table"``: an aligned text table (numbers right-aligned, floats to 12
+        significant digits, nulls shown as ``NULL``), at most ``max_rows`` rows (the first
+        and last halves, with a line saying how many were left out) and cells cut to
+        ``max_width`` characters; its last line gives the number of rows. ``"csv"``: every row as
         CSV text with a header line, nulls as empty fields. ``"parquet"``: every row written
         atomically to ``output`` (required), types kept.
 
