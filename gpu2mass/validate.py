@@ -454,9 +454,10 @@ def _validate_scan(scan: int, out_dir: Path, truth: _Truth, cfg: ValidateConfig,
         ai = cand[found][ast]
         a["ast_dxi"].append((px[ar] - nx_[ai]) * 1000.0)
         a["ast_deta"].append((py[ar] - ny_[ai]) * 1000.0)
-        for r_, i_ in zip(ar, ai, strict=True):
-            sc["astrometry"].setdefault(int(r_), (float((px[r_] - nx_[i_]) * 1000.0), float((py[r_] - ny_[i_]) * 1000.0)))
         a["ast_err"].append(np.column_stack([pts["err_maj"][ar], pts["err_min"][ar], pts["err_ang"][ar]]))
+        for r_, i_ in zip(ar, ai, strict=True):
+            sc["astrometry"].setdefault(int(r_), ((px[r_] - nx_[i_]) * 1000.0, (py[r_] - ny_[i_]) * 1000.0,
+                                                  pts["err_maj"][r_], pts["err_min"][r_], pts["err_ang"][r_]))
 
         # Reliability and spurious detections: is there a truth source that can make it?
         real_src = np.flatnonzero((m_fill <= truth.m10[b] + cfg.real_faint_margin_mag) | is_asteroid)
@@ -667,12 +668,9 @@ def validate_night(out_dir, truth_dir, *, config: ValidateConfig | None = None) 
     bands = {b: _band_figures(b, acc["bands"][b], truth, cfg) for b in BANDS}
     # Overall, row by row: astrometry of every row selected in any band, reliability of rows
     # in any band's sample.
-    dxi, deta = [], []
+    ast = np.array([v for sc in acc["scan_rows"].values() for v in sc["astrometry"].values()], float).reshape(-1, 5)
     rel = {}
     for sc in acc["scan_rows"].values():
-        for v in sc["astrometry"].values():
-            dxi.append(v[0])
-            deta.append(v[1])
         for key, r in sc["reliability"].items():
             t = rel.setdefault(key, [0, 0])
             t[0] += int(r["sample"].sum())
@@ -687,7 +685,7 @@ def validate_night(out_dir, truth_dir, *, config: ValidateConfig | None = None) 
         "rows": int(sum(sc["rows"] for sc in acc["scan_rows"].values())),
         "reliability": {k: {"n": v[0], "n_real": v[1], "reliability": (v[1] / v[0]) if v[0] else None}
                         for k, v in rel.items()},
-        "astrometry": _astrometry(np.asarray(dxi, float), np.asarray(deta, float), None),
+        "astrometry": _astrometry(ast[:, 0], ast[:, 1], ast[:, 2:]),
         "contamination": dict(sorted(contamination.items())),
     }
     return {"out": str(out_dir), "truth": str(truth_dir), "scan_types": list(cfg.scan_types), "scans": scans,
@@ -769,8 +767,8 @@ def format_validation(result: Mapping) -> str:
                        ("rms_ra_mas", "rms ξ"), ("rms_dec_mas", "rms η")):
         row(label, [_f(a[key], "+.1f" if key.startswith("offset") else ".1f") for a in ast], _f(tot[key], "+.1f"
             if key.startswith("offset") else ".1f"))
-    row("spread of Δ/err_maj", [_f(a["norm_spread_major"], ".2f") for a in ast])
-    row("spread of Δ/err_min", [_f(a["norm_spread_minor"], ".2f") for a in ast])
+    row("spread of Δ/err_maj", [_f(a["norm_spread_major"], ".2f") for a in ast], _f(tot["norm_spread_major"], ".2f"))
+    row("spread of Δ/err_min", [_f(a["norm_spread_minor"], ".2f") for a in ast], _f(tot["norm_spread_minor"], ".2f"))
 
     zp = result["zero_point"]
     header(f"zero point fitted − true (mag; {zp['status']})")

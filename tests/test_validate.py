@@ -129,7 +129,7 @@ def synthetic(tmp_path_factory):
 
 def test_synthetic_known_answers(synthetic):
     res = validate_night(synthetic["out"], synthetic["night"] / "truth")
-    json.dumps(res)  # JSON-able
+    json.dumps(res, allow_nan=False)  # strict JSON
     assert res["scans"] == [SCAN] and res["magnitudes"] == "instrumental"
     mag, lost = synthetic["mag"], synthetic["lost"]
     for b in BANDS:
@@ -170,6 +170,9 @@ def test_synthetic_known_answers(synthetic):
     assert res["bands"]["K"]["contamination"] == {"none": {"n": 5, "unflagged": 5, "flagged_lower": 0,
                                                            "flagged_upper": 0}}
     assert res["overall"]["contamination"]["spike"]["n"] == 2
+    tot = res["overall"]["astrometry"]
+    assert tot["n"] == synthetic["k"] and tot["rms_ra_mas"] == res["bands"]["J"]["astrometry"]["rms_ra_mas"]
+    assert tot["norm_spread_major"] == pytest.approx(1.0, rel=0.1)
     assert res["zero_point"]["status"] == "absent" and res["zero_point"]["bands"]["J"]["rms"] is None
     text = format_validation(res)
     for block in ("completeness", "reliability", "photometry", "astrometry", "zero point", "artifact"):
