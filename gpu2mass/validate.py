@@ -771,10 +771,11 @@ def format_validation(result: Mapping) -> str:
     row("spread of Δ/err_min", [_f(a["norm_spread_minor"], ".2f") for a in ast], _f(tot["norm_spread_minor"], ".2f"))
 
     zp = result["zero_point"]
-    header(f"zero point fitted − true (mag; {zp['status']})")
+    header("zero point fitted − true (mag)")
     if zp["status"] == "absent":
         lines.append(f"  {zp['reason']}")
     else:
+        lines.append(f"  calibration status {zp['status']}")
         zb = [zp["bands"][b] for b in BANDS]
         row("frames", [str(z["n"]) for z in zb])
         row("mean", [_f(z["mean"], "+.4f") for z in zb])
