@@ -207,26 +207,26 @@ class ValidateConfig:
 # Reading
 
 
-def _read_parquet(path: Path, what: str) -> dict[str, np.ndarray]:
-    """Columns of a Parquet file as NumPy arrays (float nulls → NaN, string nulls → '')."""
+def _read_parquet(path: Path, what: str, columns=None) -> dict[str, np.ndarray]:
+    """Columns of a Parquet file (``columns``: those present of these names; all when
+    ``None``) as NumPy arrays: float and nullable integer nulls → NaN, string nulls → ''."""
     if not path.is_file():
         raise InputError(path, f"{what} is missing")
     try:
-        table = pq.read_table(path)
+        names = pq.read_schema(path).names
+        table = pq.read_table(path, columns=None if columns is None else [c for c in columns if c in names])
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise InputError(path, f"{what} is not a readable Parquet file ({exc})") from exc
     out = {}
     for name in table.column_names:
         col = table.column(name)
-        values = col.to_pylist()
-        kind = col.type
-        if str(kind) in ("string", "large_string"):
-            out[name] = np.array(["" if v is None else v for v in values], dtype=str)
-        elif str(kind).startswith(("double", "float", "halffloat")) or (
-                str(kind).startswith(("int", "uint")) and col.null_count):
-            out[name] = np.array([np.nan if v is None else v for v in values], dtype=float)
+        kind = str(col.type)
+        if kind in ("string", "large_string"):
+            out[name] = np.asarray(col.fill_null("").to_numpy(zero_copy_only=False)).astype(str)
+        elif kind.startswith(("double", "float", "halffloat")) or (kind.startswith(("int", "uint")) and col.null_count):
+            out[name] = np.asarray(col.to_numpy(zero_copy_only=False), dtype=float)
         else:
-            out[name] = np.asarray(values)
+            out[name] = np.asarray(col.to_numpy(zero_copy_only=False))
     return out
 
 
@@ -374,12 +374,16 @@ def _band_char(col: np.ndarray, k: int) -> np.ndarray:
     return np.array([s[k] if len(s) > k else "0" for s in col.astype(str)], dtype="<U1")
 
 
+#: The point-source columns validation reads.
+_PTS_COLUMNS = ("ra", "dec", "err_maj", "err_min", "err_ang", "rd_flg", "cc_flg", "use_src") + tuple(
+    f"{b.lower()}_{c}" for b in BANDS for c in ("m", "msigcom", "snr"))
+
+
 def _validate_scan(scan: int, out_dir: Path, truth: _Truth, cfg: ValidateConfig, acc: dict) -> None:
     sdir = out_dir / "scans" / f"{scan:03d}"
-    pts = _read_parquet(sdir / "pts.parquet", f"scan {scan}'s point sources")
-    _require(pts, ("ra", "dec", "err_maj", "err_min", "err_ang", "rd_flg", "cc_flg")
-             + tuple(f"{b.lower()}_{c}" for b in BANDS for c in ("m", "msigcom", "snr")),
-             sdir / "pts.parquet", f"scan {scan}'s point sources")
+    pts = _read_parquet(sdir / "pts.parquet", f"scan {scan}'s point sources", _PTS_COLUMNS)
+    _require(pts, tuple(c for c in _PTS_COLUMNS if c != "use_src"), sdir / "pts.parquet",
+             f"scan {scan}'s point sources")
     frames = _read_parquet(sdir / "frames.parquet", f"scan {scan}'s frames table")
     _require(frames, ("band", "mjd", "ra", "dec", "airmass", "seeing_arcsec"), sdir / "frames.parquet",
              f"scan {scan}'s frames table")
