@@ -456,9 +456,10 @@ class BandCalibration:
 
     ``status`` is ``"calibrated"`` or ``"instrumental"`` (then ``c1`` = 0, the extinction
     term alone is applied and the zero point's error is ``uncalibrated_zp_err``).
-    ``coefficients``/``covariance`` are those of the chosen form's basis (constant: [c0];
-    linear: [c0, c1 per h]; quadratic: [c0, c1, c2 per h²]; piecewise: [c0, slope, slope
-    change after ``knot_hours``]), then ``c2`` when it was fitted.
+    ``coefficients``/``covariance`` are those of the chosen form's basis in ``t`` (hours from
+    ``t_ref_mjd``; constant: [a0]; linear: [a0, a1 per h]; quadratic: [a0, a1 per h, a2 per
+    h²]; piecewise: [a0, a1 per h, change of slope per h after ``knot_hours``]), then the
+    extinction ``c2`` when it was fitted.
     """
 
     band: str
@@ -644,7 +645,108 @@ def _instrumental(band: str, zp: float, cfg: PhotcalConfig, note: str, rows: tup
                            n_standards=n_std, standards=rows, note=note)
 
 
+@dataclass
+class _ScanPoints:
+    """Per calibration scan: its zero-point estimate from its standards (arrays, one per scan)."""
+
+    scan: np.ndarray  # scan numbers
+    field: np.ndarray  # calibration fields
+    mjd: np.ndarray  # weighted mean epoch of the standards
+    x1: np.ndarray  # mean airmass − 1
+    y: np.ndarray  # mean (m_std − m_inst [+ c2 (X − 1) when c2 is not fitted]), mag
+    err: np.ndarray  # its 1σ error, mag
+    n: np.ndarray  # standards used
+
+
+def _scan_points(scan, field, mjd, x1, z, sig, keep, cfg: PhotcalConfig) -> _ScanPoints:
+    """Robust weighted mean of each scan's standards; clears ``keep`` for the rejected ones
+    (further than ``clip_sigma`` robust σ from the scan's median) and for scans with fewer
+    than ``min_standards_scan`` left."""
+    rows = []
+    for s in np.unique(scan[keep]):
+        sel = np.flatnonzero(keep & (scan == s))
+        good = np.ones(sel.size, bool)
+        for _ in range(cfg.max_iterations):
+            zs = z[sel][good]
+            spread = max(_robust_sigma(zs), float(np.median(sig[sel][good])))
+            new = np.abs(z[sel] - np.median(zs)) <= cfg.clip_sigma * spread
+            if np.array_equal(new, good) or new.sum() == 0:
+                break
+            good = new
+        keep[sel[~good]] = False
+        if good.sum() < cfg.min_standards_scan:
+            keep[sel] = False
+            continue
+        i = sel[good]
+        w = 1.0 / sig[i] ** 2
+        mean = float(np.sum(w * z[i]) / np.sum(w))
+        chi2 = float(np.sum(w * (z[i] - mean) ** 2))
+        # The stars' scatter beyond their errors (crowding, flat) widens the scan's error.
+        err = float(np.sqrt(1.0 / np.sum(w)) * max(1.0, np.sqrt(chi2 / max(i.size - 1, 1))))
+        rows.append((int(s), str(field[i[0]]), float(np.sum(w * mjd[i]) / np.sum(w)), float(np.mean(x1[i])),
+                     mean, err, int(i.size)))
+    cols = list(zip(*rows, strict=True)) if rows else [()] * 7
+    types = (np.int64, str, float, float, float, float, np.int64)
+    return _ScanPoints(*(np.asarray(c, dtype=t) for c, t in zip(cols, types, strict=True)))
+
+
+def _design(form: str, t, x1, knot) -> np.ndarray:
+    a = _basis(form, t, knot)
+    return a if x1 is None else np.concatenate([a, -np.asarray(x1)[:, None]], axis=1)
+
+
+def _loo_rms(form: str, pt, x1, y, e, obs) -> float:
+    """Leave-one-calibration-observation-out RMS (mag): each observation's weighted mean
+    zero point predicted by the form fitted to the other observations."""
+    res = []
+    for o in np.unique(obs):
+        tr = obs != o
+        f = _fit_form(form, pt[tr], None if x1 is None else x1[tr], y[tr], e[tr], _obs_times(pt, obs, tr))
+        a = _design(form, pt[~tr], None if x1 is None else x1[~tr], f.knot)
+        w = 1.0 / (e[~tr] ** 2 + f.jitter**2)
+        res.append(float(np.sum(w * (y[~tr] - a @ f.coef)) / np.sum(w)))
+    return float(np.sqrt(np.mean(np.square(res))))
+
+
+def _obs_times(pt, obs, sel) -> np.ndarray:
+    return np.array([np.mean(pt[sel & (obs == o)]) for o in np.unique(obs[sel])])
+
+
+def _choose_form(loo: Mapping[str, float], cfg: PhotcalConfig) -> str:
+    """The simplest form whose leave-one-out RMS is within ``select_tolerance_mag`` of the
+    best; the constant when none could be scored (one calibration observation)."""
+    scored = [f for f in cfg.forms if np.isfinite(loo[f])]
+    if not scored:
+        return "constant"
+    best = min(loo[f] for f in scored)
+    simplest = sorted(scored, key=lambda f: (FORMS[f], list(FORMS).index(f)))
+    return next(f for f in simplest if loo[f] <= best + cfg.select_tolerance_mag)
+
+
+def _final_fit(form: str, pt, x1, y, e, obs, cfg: PhotcalConfig) -> tuple[_Fit, np.ndarray, np.ndarray]:
+    """The form fitted to all scans, rejecting scans far from it (clouds, a bad scan);
+    returns the fit, the residual of every scan and which scans were kept."""
+    n_obs = np.unique(obs).size
+    need_obs = min(n_obs, 3 if form == "piecewise" else FORMS[form])
+    good = np.ones(y.size, bool)
+    for _ in range(cfg.max_iterations):
+        fit = _fit_form(form, pt[good], None if x1 is None else x1[good], y[good], e[good],
+                        _obs_times(pt, obs, good))
+        r = y - _design(form, pt, x1, fit.knot) @ fit.coef
+        if good.sum() <= FORMS[form] + 2:
+            break
+        scale = max(_robust_sigma(r[good]), float(np.median(e[good])))
+        new = np.abs(r) <= cfg.clip_sigma * np.hypot(scale, e)
+        # Never clip below what the form needs (piecewise: three observations around its knot).
+        if (np.array_equal(new, good) or new.sum() < max(cfg.min_scans, FORMS[form])
+                or np.unique(obs[new]).size < need_obs):
+            break
+        good = new
+    return fit, r, good
+
+
 def _solve_band(band: str, m: Table, zp: float, cfg: PhotcalConfig) -> BandCalibration:
+    """One band's solution from its match rows (all calibration scans)."""
     n_all = len(m)
     use = np.asarray(m["usable"], bool)
     scan = np.asarray(m["scan"], np.int64)
@@ -662,132 +764,57 @@ def _solve_band(band: str, m: Table, zp: float, cfg: PhotcalConfig) -> BandCalib
                       "sig": float(sig[i]), "usable": bool(use[i]), "used": bool(used[i]),
                       "residual": None if not np.isfinite(resid[i]) else float(resid[i])} for i in range(n_all))
 
-    # Stars: extinction-corrected zero-point estimates, clipped about their scan's mean.
-    fit_c2 = cfg.fit_extinction
     keep = use & np.isfinite(y_raw) & np.isfinite(sig)
-    scans_u = np.unique(scan[keep])
+    fit_c2, c2_note = cfg.fit_extinction, ""
     if fit_c2:
-        xs = np.array([np.mean(x1[keep & (scan == s)]) for s in scans_u]) if scans_u.size else np.zeros(0)
+        xs = np.array([np.mean(x1[keep & (scan == s)]) for s in np.unique(scan[keep])])
         if xs.size < 2 or np.ptp(xs) < cfg.min_airmass_range:
             fit_c2 = False
             c2_note = (f"c2 not fitted: calibration airmasses span {np.ptp(xs) if xs.size else 0:.3f} "
                        f"< {cfg.min_airmass_range}; default kept")
-        else:
-            c2_note = ""
-    else:
-        c2_note = ""
-    z = y_raw + (0.0 if fit_c2 else c2_default * x1)
-    points = []
-    for s in scans_u:
-        sel = np.flatnonzero(keep & (scan == s))
-        good = np.ones(sel.size, bool)
-        for _ in range(cfg.max_iterations):
-            zs = z[sel][good]
-            mu = np.median(zs)
-            rs = max(_robust_sigma(zs), float(np.median(sig[sel][good])))
-            new = np.abs(z[sel] - mu) <= cfg.clip_sigma * rs
-            if np.array_equal(new, good):
-                break
-            good = new
-        keep[sel[~good]] = False
-        if good.sum() < cfg.min_standards_scan:
-            keep[sel] = False
-            continue
-        i = sel[good]
-        w = 1.0 / sig[i] ** 2
-        mean = float(np.sum(w * z[i]) / np.sum(w))
-        chi2 = float(np.sum(w * (z[i] - mean) ** 2))
-        # The stars' scatter beyond their errors (crowding, flat) widens the scan's error.
-        err = float(np.sqrt(1.0 / np.sum(w)) * max(1.0, np.sqrt(chi2 / max(i.size - 1, 1))))
-        points.append((int(s), float(np.sum(w * mjd[i]) / np.sum(w)), float(np.mean(x1[i])), mean, err, i.size,
-                       str(fields[i[0]])))
-    if len(points) < cfg.min_scans:
-        note = (f"band {band}: {len(points)} calibration scan(s) with ≥ {cfg.min_standards_scan} usable "
+    # Each star's zero-point estimate (extinction-corrected unless c2 is fitted).
+    z = y_raw if fit_c2 else y_raw + c2_default * x1
+    pts = _scan_points(scan, fields, mjd, x1, z, sig, keep, cfg)
+    if pts.scan.size < cfg.min_scans:
+        note = (f"band {band}: {pts.scan.size} calibration scan(s) with ≥ {cfg.min_standards_scan} usable "
                 f"standards, {cfg.min_scans} needed; instrumental zero point kept")
         return _instrumental(band, zp, cfg, note, rows_out(np.full(n_all, np.nan), np.zeros(n_all, bool)),
                              int(use.sum()))
-    ps = np.array([p[0] for p in points])
-    pt_mjd = np.array([p[1] for p in points])
-    px1 = np.array([p[2] for p in points])
-    py = np.array([p[3] for p in points])
-    pe = np.array([p[4] for p in points])
-    pf = np.array([p[6] for p in points])
-    obs_of = _observations(ps, pf, pt_mjd, cfg)
-    pobs = np.array([obs_of[int(s)] for s in ps])
-    t_ref = float(np.mean(pt_mjd))
-    pt = (pt_mjd - t_ref) * 24.0
-    n_obs = int(np.unique(pobs).size)
+    obs_of = _observations(pts.scan, pts.field, pts.mjd, cfg)
+    obs = np.array([obs_of[int(s)] for s in pts.scan])
+    n_obs = int(np.unique(obs).size)
+    y = pts.y
     if fit_c2 and n_obs < 2:
         fit_c2, c2_note = False, "c2 not fitted: one calibration observation; default kept"
-        py = py + c2_default * px1
-    xarg = px1 if fit_c2 else None
-
-    def obs_times(sel):
-        return np.array([np.mean(pt[sel & (pobs == o)]) for o in np.unique(pobs[sel])])
-
-    # Leave one calibration observation out: each form predicts the observation's zero point.
-    loo = {}
-    for form in cfg.forms:
-        if not _eligible(form, n_obs) or (fit_c2 and n_obs - 1 < FORMS[form] + 1):
-            loo[form] = float("nan")
-            continue
-        res = []
-        for o in np.unique(pobs):
-            tr = pobs != o
-            f = _fit_form(form, pt[tr], None if xarg is None else xarg[tr], py[tr], pe[tr], obs_times(tr))
-            a = _basis(form, pt[~tr], f.knot)
-            if fit_c2:
-                a = np.concatenate([a, -xarg[~tr][:, None]], axis=1)
-            w = 1.0 / (pe[~tr] ** 2 + f.jitter**2)
-            res.append(float(np.sum(w * (py[~tr] - a @ f.coef)) / np.sum(w)))
-        loo[form] = float(np.sqrt(np.mean(np.square(res))))
-    scored = [f for f in cfg.forms if np.isfinite(loo[f])]
-    if scored:
-        best = min(loo[f] for f in scored)
-        simplest = sorted(scored, key=lambda f: (FORMS[f], list(FORMS).index(f)))
-        form = next(f for f in simplest if loo[f] <= best + cfg.select_tolerance_mag)
-    else:
-        # One calibration observation: nothing can be left out; its mean is the night's.
-        form = "constant" if "constant" in cfg.forms else min(cfg.forms, key=lambda f: FORMS[f])
-        if not _eligible(form, n_obs + 1):
-            form = "constant"
-    # Final fit over all scans, rejecting scans far from it (clouds, a bad scan).
-    good = np.ones(ps.size, bool)
-    for _ in range(cfg.max_iterations):
-        fit = _fit_form(form, pt[good], None if xarg is None else xarg[good], py[good], pe[good],
-                        obs_times(good))
-        a = _basis(form, pt, fit.knot)
-        if fit_c2:
-            a = np.concatenate([a, -xarg[:, None]], axis=1)
-        r = py - a @ fit.coef
-        if good.sum() <= FORMS[form] + 2:
-            break
-        scale = max(_robust_sigma(r[good]), float(np.median(pe[good])))
-        new = np.abs(r) <= cfg.clip_sigma * np.hypot(scale, pe)
-        if np.array_equal(new, good) or new.sum() < max(cfg.min_scans, FORMS[form]):
-            break
-        good = new
+        y = y + c2_default * pts.x1
+    xarg = pts.x1 if fit_c2 else None
+    t_ref = float(np.mean(pts.mjd))
+    pt = (pts.mjd - t_ref) * 24.0
+    loo = {f: (_loo_rms(f, pt, xarg, y, pts.err, obs)
+               if _eligible(f, n_obs) and not (fit_c2 and n_obs - 1 < FORMS[f] + 1) else float("nan"))
+           for f in cfg.forms}
+    form = _choose_form(loo, cfg)
+    fit, r, good = _final_fit(form, pt, xarg, y, pts.err, obs, cfg)
     p = FORMS[form]
     c2 = float(fit.coef[p]) if fit_c2 else c2_default
     c2_err = float(np.sqrt(fit.cov[p, p])) if fit_c2 else float("nan")
     band_cal = BandCalibration(
         band=band, status="calibrated", zp_inst=zp, c2=c2, c2_err=c2_err, c2_fitted=fit_c2, form=form,
-        coefficients=tuple(float(v) for v in fit.coef), covariance=tuple(tuple(float(v) for v in row)
-                                                                      for row in fit.cov),
+        coefficients=tuple(float(v) for v in fit.coef),
+        covariance=tuple(tuple(float(v) for v in row) for row in fit.cov),
         knot_hours=None if fit.knot is None else float(fit.knot), t_ref_mjd=t_ref,
         t_span_hours=(float(pt[good].min()), float(pt[good].max())), jitter=float(fit.jitter),
         zp_err_uncalibrated=cfg.uncalibrated_zp_err, max_extrapolation_hours=cfg.max_extrapolation_hours,
         loo_rms=loo, n_standards=int(use.sum()), n_scans=int(good.sum()),
-        n_observations=int(np.unique(pobs[good]).size), note=c2_note)
+        n_observations=int(np.unique(obs[good]).size), note=c2_note)
     # Residuals of every matched standard about the solution (m_std − m_cal).
-    c1 = band_cal.c1(mjd)
-    resid = y_raw - (c1 - c2 * x1)
-    scan_ok = {int(s) for s, g in zip(ps, good, strict=True) if g}
-    used = keep & np.isin(scan, list(scan_ok))
-    scan_rows = tuple({"scan": int(ps[i]), "field": str(pf[i]), "observation": int(pobs[i]),
-                       "mjd": float(pt_mjd[i]), "airmass": float(px1[i] + 1), "c1": float(py[i] + (c2 * px1[i]
-                       if fit_c2 else 0.0)), "c1_err": float(pe[i]), "n_standards": int(points[i][5]),
-                       "residual": float(r[i]), "used": bool(good[i])} for i in range(ps.size))
+    resid = y_raw - (band_cal.c1(mjd) - c2 * x1)
+    used = keep & np.isin(scan, pts.scan[good])
+    c1_scan = y + (c2 * pts.x1 if fit_c2 else 0.0)
+    scan_rows = tuple({"scan": int(pts.scan[i]), "field": str(pts.field[i]), "observation": int(obs[i]),
+                       "mjd": float(pts.mjd[i]), "airmass": float(pts.x1[i] + 1), "c1": float(c1_scan[i]),
+                       "c1_err": float(pts.err[i]), "n_standards": int(pts.n[i]), "residual": float(r[i]),
+                       "used": bool(good[i])} for i in range(pts.scan.size))
     ru = resid[used]
     return dataclasses.replace(band_cal, scans=scan_rows, standards=rows_out(resid, used), n_used=int(used.sum()),
                                residual_rms=float(np.sqrt(np.mean(ru**2))) if ru.size else float("nan"),
