@@ -410,6 +410,7 @@ def _validate_scan(scan: int, out_dir: Path, truth: _Truth, cfg: ValidateConfig,
     is_asteroid = kind == "asteroid"
     sc = acc["scan_rows"].setdefault(scan, {"rows": n_rows, "astrometry": {}, "reliability": {}})
     art = truth.artifacts
+    ttree = cKDTree(np.column_stack([nx_, ny_]))
     for b in BANDS:
         p = b.lower()
         geo = frame_geometry_from_truth(truth.night_dir, scan, b)
@@ -425,7 +426,6 @@ def _validate_scan(scan: int, out_dir: Path, truth: _Truth, cfg: ValidateConfig,
         m, msig, snr = pts[f"{p}_m"], pts[f"{p}_msigcom"], np.nan_to_num(pts[f"{p}_snr"], nan=0.0)
 
         # Completeness sample: isolated truth stars in the usable area.
-        ttree = cKDTree(np.column_stack([nx_, ny_]))
         cand = np.flatnonzero((kind == "star") & (m_true < cfg.mag_range[1]))
         dd, jj = ttree.query(np.column_stack([nx_[cand], ny_[cand]]), k=12,
                              distance_upper_bound=cfg.isolation_arcsec)
