@@ -352,9 +352,9 @@ def render_night_report(
         f"<title>gpu2mass night {html.escape(night)}: quality report</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>Night {html.escape(night)}: quality report</h1>",
-        f"<p>{len(scans_qa)} scans: {n_ok} ok, {n_deg} degraded, {n_fail} failed. "
-        f"Photometric calibration: {html.escape(str(cal_status))}. "
-        f"Astrometric solution: {html.escape(str(ast_status))}.</p>",
+        (f"<p>{len(scans_qa)} scans: {n_ok} ok, {n_deg} degraded, {n_fail} failed. "
+         f"Photometric calibration: {html.escape(str(cal_status))}. "
+         f"Astrometric solution: {html.escape(str(ast_status))}.</p>"),
         "<h2>Scans</h2>",
         _scans_table(scans_qa),
     ]

@@ -53,7 +53,7 @@ def calibration_dict():
 
 def validation_dict():
     m = np.arange(10.0, 17.0, 0.5)
-    comp = lambda m50: [{"lo": float(x), "hi": float(x + 0.5), "n": 50,  # noqa: E731
+    comp = lambda m50: [{"lo": float(x), "hi": float(x + 0.5), "n": 50,
                          "completeness": float(1 / (1 + np.exp((x + 0.25 - m50) / 0.2)))} for x in m]
     return {"bands": {b: {"completeness": {"curve": comp(m50), "m10": m50 - 0.5, "levels": {"m99": m50 - 1}}}
                       for b, m50 in (("J", 16.3), ("H", 15.6), ("K", 14.8))}}
@@ -117,7 +117,7 @@ def test_zero_point_curve_is_the_calibrations_fit(monkeypatch, layout):
         for c in cal["bands"].values():
             cols = c["standards"]
             c["standards"] = [dict(zip(cols, v, strict=True)) for v in zip(*cols.values(), strict=True)]
-    title, png = report._zero_point_figure(cal)
+    _title, png = report._zero_point_figure(cal)
     assert png is not None and len(drawn) == 3
     for x, y, label in drawn.values():
         assert label == "fit (linear)"
