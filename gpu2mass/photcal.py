@@ -73,9 +73,10 @@ class PhotcalConfig:
         Spread of the calibration scans' airmasses needed to fit ``c2`` (0.2).
     forms
         Forms of ``c1(t)`` tried, among ``constant``, ``linear``, ``quadratic``,
-        ``piecewise`` (continuous piecewise-linear with one knot, placed between calibration
-        observations where the fit is best, at least two observations on each side). 2MASS
-        tested these four and chose piecewise for J, constant for H and Ks.
+        ``piecewise`` (continuous piecewise-linear with one knot, placed at or between
+        calibration observations where the fit is best, with at least two observations on
+        or before it and two on or after it). 2MASS tested these four and chose piecewise
+        for J, constant for H and Ks.
     select_tolerance_mag
         The chosen form is the simplest whose leave-one-observation-out RMS is within this
         of the best (0.002 mag: a more complex form must earn its parameters).
@@ -94,9 +95,10 @@ class PhotcalConfig:
         the photometric scale; R1 and profile-fit magnitudes are normalised to it too but are
         noisier and nonlinear-prone).
     mag_bright, mag_faint
-        Band → usable standard magnitude range: brighter than the R2−R1 saturation regime
-        (J 9.0, H 8.5, Ks 8.0, facts 3.1) plus 0.5 mag of margin for its ~0.5 mag variation,
-        and fainter than the standards' ~0.02 mag catalogue errors (J 15.0, H 14.5, Ks 14.0).
+        Band → usable standard magnitude range: 0.5 mag fainter than where R2−R1 saturates
+        (J 9.0, H 8.5, Ks 8.0, facts 3.1; the saturation point varies by ~0.5 mag), hence
+        J 9.5, H 9.0, Ks 8.5; faint limits J 15.0, H 14.5, Ks 14.0 (the SNR cut is the
+        binding one; these only keep out standards with catalogue errors above ~0.02 mag).
     min_snr
         Minimum SNR of the scan measurement (50, cmsig ≤ 0.022 mag: the stars that define
         the scan's photometric scale, as ``catalog.norm_min_snr``; fainter standards carry the
@@ -960,7 +962,8 @@ def atlas_magzp(calibration: NightCalibration, band: str, mjd: float, airmass: f
     """``MAGZP`` and ``MAGZPERR`` of an Atlas Image whose pixels are on the R2−R1 frame DN
     scale of instrumental zero point ``zp_inst``, at the image's mean ``mjd`` and airmass."""
     b = calibration.bands.get(band)
-    if b is not None and abs(b.zp_inst - zp_inst) > 1e-9:
+    # A calibrated band's offset is relative to the instrumental scale it was fitted on.
+    if b is not None and b.status == "calibrated" and abs(b.zp_inst - zp_inst) > 1e-9:
         raise StepError(f"photcal: Atlas Image zero point {zp_inst} differs from the calibration's "
                         f"instrumental {b.zp_inst} in band {band}")
     off = float(calibration.offset(band, mjd, airmass))

@@ -169,6 +169,8 @@ def test_no_calibration_scans_keeps_instrumental_zero_points():
         np.testing.assert_allclose(cal.offset_err(b, [T0]), [0.1])
         assert cal.bands[b].zp_inst == ZP_INST[b]
     assert NightCalibration.from_dict(json.loads(json.dumps(cal.to_dict(), allow_nan=False))).status == "instrumental"
+    # An uncalibrated Atlas Image keeps its own instrumental zero point, less the extinction.
+    assert atlas_magzp(cal, "K", T0, 1.2, 19.5) == pytest.approx((19.5 - 0.2 * EXT["K"], 0.1))
     # Calibration scans whose field has no standards: instrumental too, saying why.
     with pytest.warns(PhotcalWarning, match="no standards"):
         empty = calibration_matches(Table({"ra": [1.0], "dec": [2.0]}), _frames(T0, 1.0), None, scan=2,
