@@ -74,7 +74,7 @@ def test_config_checks():
     assert seeing_shape(3.5) == pytest.approx((3.5 + 0.46) / 3.13)
 
 
-@pytest.mark.parametrize("q_rel", [0.0, 0.1, 0.4])
+@pytest.mark.parametrize("q_rel", [0.0, 0.1, 0.4, 0.6])
 def test_m10_recovered_from_snr_relation(q_rel):
     rng = np.random.default_rng(11)
     m = 16.3 + 2.0 - rng.exponential(1.5, 1500)
@@ -83,10 +83,11 @@ def test_m10_recovered_from_snr_relation(q_rel):
     bad = rng.random(m.size) < 0.08
     snr[bad] *= 10 ** rng.uniform(-0.6, -0.3, bad.sum())
     m10, n = m10_from_snr(m, snr)
-    assert abs(m10 - 16.3) < 0.1, m10
+    # Within 0.02 mag (measured: 0.007 at most). Where the sources' own noise matters at
+    # SNR 10 (q_rel 0.6), the median of per-star m + 2.5 log10(SNR/10) is off by 0.11 mag.
+    assert abs(m10 - 16.3) < 0.02, m10
     assert n > 500
-    # The single-star estimate the fit replaces is far worse for a bright star with an SNR
-    # off by 0.05 dex; and too few detections give no m10 at all.
+    # Too few detections, or none near SNR 10, give no m10 at all.
     assert math.isnan(m10_from_snr(m[:10], snr[:10])[0])
     bright = snr > 100
     assert math.isnan(m10_from_snr(m[bright], snr[bright])[0])  # no faint stars: no extrapolation
