@@ -98,6 +98,8 @@ class QaConfig:
         The SNR-vs-magnitude fit uses R2−R1 profile-fit detections with 3 ≤ SNR ≤ 200 and
         needs 20 of them (chosen here: below 3 the detection threshold biases the sample,
         above 200 the profile fit's systematic floor flattens the relation).
+    unknown_sensitivity_score
+        Factor score when a band's m10 cannot be measured (5: even chances).
     psp_exponent
         PSP = seeing shape × sky^0.29 (2MASS's sensitivity parameter; sky in DN per frame).
 
@@ -157,6 +159,7 @@ class QaConfig:
     m10_snr_min: float = 3.0
     m10_snr_max: float = 200.0
     m10_min_sources: int = 20
+    unknown_sensitivity_score: int = 5
     psp_exponent: float = 0.29
     zp_rms_good: float = 0.03
     zp_rms_bad: float = 0.10
@@ -186,6 +189,7 @@ class QaConfig:
             ("m10_min_sources", self.m10_min_sources >= 3, ">= 3"),
             ("zp_rms_bad", self.zp_rms_bad > self.zp_rms_good >= 0, "> zp_rms_good >= 0"),
             ("unknown_photometricity_score", 0 <= self.unknown_photometricity_score <= 10, "in 0..10"),
+            ("unknown_sensitivity_score", 0 <= self.unknown_sensitivity_score <= 10, "in 0..10"),
             ("cloud_band", self.cloud_band in BANDS, f"one of {BANDS}"),
             ("cloud_sky_jump", self.cloud_sky_jump > 0, "> 0"),
             ("cloud_window_frames", self.cloud_window_frames >= 3, ">= 3"),
@@ -573,6 +577,11 @@ def scan_qa(
     calibration
         Band → ``{"zp_residual_rms", "zp_offset", ...}`` from the night's photometric
         calibration, or ``None`` (figures null, photometricity unknown, reason given).
+        ``zp_residual_rms`` is the rms (mag) of the calibration scans' zero points about the
+        night's fit (2MASS's nightly-fit rms, 0.011–0.013 mag in J; photcal's
+        ``BandCalibration.scan_residual_rms``), the zero-point stability the photometricity
+        grade is about; ``zp_offset`` (the calibration applied to the scan, mag) is
+        reported only.
 
     Returns
     -------
@@ -688,13 +697,14 @@ def scan_qa(
     for b in BANDS:
         m10 = bands[b]["m10"]
         if m10 is None:
-            reasons.append(f"sensitivity: {b} m10 not measured ({bands[b]['m10_n']} detections with "
+            factors["sensitivity"] = min(factors["sensitivity"], int(config.unknown_sensitivity_score))
+            reasons.append(f"sensitivity unknown: {b} m10 not measured ({bands[b]['m10_n']} detections with "
                            f"{config.m10_snr_min:g} <= SNR <= {config.m10_snr_max:g}, need {config.m10_min_sources})")
             continue
         probs[b] = float(ndtr((m10 - config.m10_limit[b]) / config.m10_scale_mag))
     if probs:
         worst = min(probs, key=probs.get)
-        factors["sensitivity"] = round(10.0 * probs[worst])
+        factors["sensitivity"] = min(factors["sensitivity"], round(10.0 * probs[worst]))
         if factors["sensitivity"] < 10:
             reasons.append(f"sensitivity: {worst} m10 {bands[worst]['m10']:.2f} vs the 10-sigma limit "
                            f"{config.m10_limit[worst]} ({100 * probs[worst]:.0f} % probability of meeting it); "

@@ -30,7 +30,7 @@ import numpy as np
 
 from gpu2mass.io._atomic import atomic_path
 
-__all__ = ["render_night_report", "write_night_report"]
+__all__ = ["render_night_report", "write_night_report", "write_night_report_from_products"]
 
 BANDS = ("J", "H", "K")
 _COLORS = {"J": "#1f77b4", "H": "#2ca02c", "K": "#d62728"}
@@ -414,3 +414,53 @@ def write_night_report(
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
+
+
+def write_night_report_from_products(out_dir, *, validation: Mapping | None = None, night: str | None = None) -> Path:
+    """Re-draw ``<out_dir>/night/qa.html`` from a finished night's products.
+
+    For ``gpu2mass validate``, which knows the truth and adds the completeness figure: the
+    scans' QA from ``scans/<scan>/qa.json``, their frames from ``scans/<scan>/frames.parquet``,
+    the calibration from ``night/calibration.json`` and the astrometric summary from
+    ``night/astrometry.json`` (each optional); the night's name from ``run.json`` unless
+    given.
+
+    Raises
+    ------
+    InputError
+        ``out_dir`` has no scan with a ``qa.json``, or a product cannot be read.
+    """
+    import json
+
+    import pyarrow.parquet as pq
+
+    from gpu2mass.errors import InputError
+
+    out_dir = Path(out_dir)
+
+    def read_json(path: Path):
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(path, f"cannot read JSON: {exc}") from exc
+
+    qa_paths = sorted(out_dir.glob("scans/*/qa.json"))
+    if not qa_paths:
+        raise InputError(out_dir, "no scans/<scan>/qa.json: not a finished night's output")
+    scans_qa = [read_json(p) for p in qa_paths]
+    frames = {}
+    for p in qa_paths:
+        fp = p.parent / "frames.parquet"
+        if fp.is_file():
+            try:
+                frames[int(p.parent.name)] = pq.read_table(fp)
+            except (OSError, ValueError) as exc:
+                raise InputError(fp, f"cannot read the frames table: {exc}") from exc
+    cal_path, ast_path = out_dir / "night" / "calibration.json", out_dir / "night" / "astrometry.json"
+    calibration = read_json(cal_path) if cal_path.is_file() else None
+    astrometry = read_json(ast_path) if ast_path.is_file() else None
+    if night is None:
+        run = out_dir / "run.json"
+        night = str(read_json(run).get("night", out_dir.name)) if run.is_file() else out_dir.name
+    return write_night_report(out_dir, night=night, scans_qa=scans_qa, calibration=calibration, frames=frames,
+                              astrometry=astrometry, validation=validation)

@@ -87,10 +87,16 @@ def test_m10_recovered_from_snr_relation(q_rel):
     # SNR 10 (q_rel 0.6), the median of per-star m + 2.5 log10(SNR/10) is off by 0.11 mag.
     assert abs(m10 - 16.3) < 0.02, m10
     assert n > 500
-    # Too few detections, or none near SNR 10, give no m10 at all.
+    # Too few detections, or none near SNR 10, give no m10 at all: through scan_qa, the
+    # sensitivity factor is then 5 and a reason says why.
     assert math.isnan(m10_from_snr(m[:10], snr[:10])[0])
     bright = snr > 100
     assert math.isnan(m10_from_snr(m[bright], snr[bright])[0])  # no faint stars: no extrapolation
+    pts = make_pts(rng, n=600)
+    pts["k_snr"][pts["k_snr"] < 20] = np.nan
+    q = scan_qa(3, "sci", frames=make_frames(rng=rng), pts=pts, astrometry=None, calibration=None)
+    assert q["bands"]["K"]["m10"] is None and q["factors"]["sensitivity"] == 5
+    assert any(r.startswith("sensitivity unknown: K m10 not measured") for r in q["reasons"])
 
 
 def test_good_scan_scores_ten_and_has_the_contract_keys():

@@ -11,8 +11,13 @@ import numpy as np
 import pytest
 
 from gpu2mass import report
+from gpu2mass.errors import InputError
 from gpu2mass.qa import failed_scan_qa
-from gpu2mass.report import render_night_report, write_night_report
+from gpu2mass.report import (
+    render_night_report,
+    write_night_report,
+    write_night_report_from_products,
+)
 
 T0 = 51600.10
 
@@ -142,3 +147,30 @@ def test_interrupted_write_keeps_the_previous_report(tmp_path, monkeypatch):
                            astrometry=None)
     assert path.read_bytes() == before
     assert [p.name for p in (tmp_path / "night").iterdir()] == ["qa.html"]
+
+
+def test_report_redrawn_from_products_with_validation(tmp_path, monkeypatch):
+    """``gpu2mass validate`` re-draws the report from qa.json, frames.parquet and
+    calibration.json, adding the completeness figure."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with pytest.raises(InputError, match="no scans/<scan>/qa.json"):
+        write_night_report_from_products(tmp_path)
+    for s in (2, 14):
+        d = tmp_path / "scans" / f"{s:03d}"
+        d.mkdir(parents=True)
+        (d / "qa.json").write_text(json.dumps(ok_qa(s)))
+        pq.write_table(pa.table(frames_table()), d / "frames.parquet")
+    (tmp_path / "night").mkdir()
+    (tmp_path / "night" / "calibration.json").write_text(json.dumps(calibration_dict()))
+    (tmp_path / "run.json").write_text(json.dumps({"night": "2000-03-01"}))
+    seen = {}
+    monkeypatch.setattr(report, "_png", lambda fig: seen.setdefault(len(seen), "x") and "")
+    path = write_night_report_from_products(tmp_path, validation=validation_dict())
+    text = path.read_text()
+    assert len(seen) == 4  # zero points, seeing/background, per scan, completeness
+    assert "<h1>Night 2000-03-01: quality report</h1>" in text
+    assert "2 scans: 2 ok" in text and "Photometric calibration: calibrated" in text
