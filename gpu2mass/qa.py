@@ -27,8 +27,10 @@ July 2000; All-Sky Explanatory Supplement IV.10):
 
 The scan's score is the smallest factor score (each factor can only take a scan down, as in
 2MASS where a failed seeing test gave 1 whatever the photometry). ``status`` is ``ok`` when
-no factor scored below 10 and every figure could be measured, ``degraded`` otherwise, with
-one reason per problem; ``failed`` is for scans the pipeline could not process
+the score reaches :attr:`QaConfig.ok_min_score` and the positions are good (an astrometric
+solution exists and its rms is within :attr:`QaConfig.max_astrometric_rms_arcsec`),
+``degraded`` otherwise; ``reasons`` names every factor below 10 and every figure that could
+not be measured, for ok scans too; ``failed`` is for scans the pipeline could not process
 (:func:`failed_scan_qa`).
 
 Inputs are plain columns (the scan's ``frames.parquet`` and calibrated ``pts.parquet`` as
@@ -141,6 +143,14 @@ class QaConfig:
         A band whose rms against the reference catalog exceeds 0.3" gets a reason (status
         degraded; not part of the 2MASS score, which left position reconstruction to its own
         review). Chosen here: 3× the ~0.1" the pipeline reaches on clean nights.
+
+    Status:
+
+    ok_min_score
+        A scan is ``ok`` from score 7 (a 70 % or better probability of meeting the Level-1
+        requirements), else ``degraded``. Chosen here: 2MASS released the best scan of each
+        Tile and reviewed Tiles whose best score was below 5; an uncalibrated scan (5) is
+        degraded, a scan 0.1 mag deeper than the 10σ limit (9) is ok.
     """
 
     seeing_shape_slope: float = 3.13
@@ -172,6 +182,7 @@ class QaConfig:
     airglow_max_image_fraction: float = 3.0 / 23.0
     airglow_min_pixels: int = 500
     max_astrometric_rms_arcsec: float = 0.3
+    ok_min_score: int = 7
 
     def __post_init__(self):
         checks = (
@@ -198,6 +209,7 @@ class QaConfig:
             ("airglow_max_image_fraction", 0 <= self.airglow_max_image_fraction < 1, "in [0, 1)"),
             ("airglow_min_pixels", self.airglow_min_pixels >= 100, ">= 100"),
             ("max_astrometric_rms_arcsec", self.max_astrometric_rms_arcsec > 0, "> 0"),
+            ("ok_min_score", 0 <= self.ok_min_score <= 10, "in 0..10"),
         )
         for name, ok, rule in checks:
             if not ok:
@@ -739,25 +751,29 @@ def scan_qa(
             reasons.append(f"airglow: {n_bad} of {n_img} {b} Atlas Images have background noise > "
                            f"{1 + config.airglow_limit:.2f}x the predicted (median excess "
                            f"{bands[b]['airglow_excess']:.2f}); strong airglow structure")
-    # Astrometry: a reason, not a score factor.
+    # Astrometry: not a score factor, but bad or unknown positions degrade the scan.
+    positions_ok = astrometry is not None
     if astrometry is None:
         reasons.append("astrometry unknown: no astrometric solution against the reference catalog")
     else:
         for b in BANDS:
             rms = bands[b]["astrometric_rms_arcsec"]
             if rms is None:
+                positions_ok = False
                 reasons.append(f"astrometry: no {b} residuals against the reference catalog")
             elif rms > config.max_astrometric_rms_arcsec:
+                positions_ok = False
                 reasons.append(f"astrometry: {b} rms {rms:.3f}\" against the reference catalog "
                                f"(> {config.max_astrometric_rms_arcsec}\"); check the reference catalog and the "
                                "frame registration")
 
+    score = int(min(factors.values()))
     mjd = fr["mjd"][np.isfinite(fr["mjd"])]
     return {
         "scan": int(scan),
         "scan_type": str(scan_type),
-        "score": int(min(factors.values())),
-        "status": "ok" if not reasons else "degraded",
+        "score": score,
+        "status": "ok" if score >= config.ok_min_score and positions_ok else "degraded",
         "reasons": reasons,
         "factors": factors,
         "bands": bands,

@@ -287,3 +287,23 @@ def test_failed_scan_qa():
     assert q["reasons"] == ["frame calibration: all frames saturated"]
     assert set(BAND_KEYS) <= set(q["bands"]["H"])
     json.dumps(q, allow_nan=False)
+
+
+def test_status_from_score_and_positions():
+    rng = np.random.default_rng(12)
+    cal = {b: {"zp_residual_rms": 0.012} for b in "JHK"}
+    ast = {b: {"astrometric_rms_arcsec": 0.08, "n_ref": 300} for b in "JHK"}
+    pts = make_pts(rng)
+    pts["j_m"] = pts["j_m"] - 0.2  # J m10 15.92 (fitted): 0.12 mag deeper than the limit, P = 88 %
+    fr = make_frames(rng=rng)
+    q = scan_qa(3, "sci", frames=fr, pts=pts, astrometry=ast, calibration=cal)
+    assert q["score"] == 9 and q["status"] == "ok"  # ok, and the reason still says why not 10
+    assert len(q["reasons"]) == 1 and q["reasons"][0].startswith("sensitivity: J m10 15.9")
+    bad = {**ast, "H": {"astrometric_rms_arcsec": 0.45, "n_ref": 300}}
+    q = scan_qa(3, "sci", frames=fr, pts=pts, astrometry=bad, calibration=cal)
+    assert q["score"] == 9 and q["status"] == "degraded"
+    assert any(r.startswith('astrometry: H rms 0.450"') for r in q["reasons"])
+    q = scan_qa(3, "sci", frames=fr, pts=pts, astrometry=None, calibration=cal)
+    assert q["status"] == "degraded"
+    q = scan_qa(3, "sci", frames=fr, pts=pts, astrometry=ast, calibration=None)  # score 5
+    assert q["score"] == 5 and q["status"] == "degraded"
