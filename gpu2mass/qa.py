@@ -582,7 +582,7 @@ def scan_qa(
         ``dec``; ``cc_flg`` optional).
     atlas_images
         The scan's Atlas Images: paths to the FITS files or ``(header, data, sigma)`` tuples
-        (header: a dict or FITS header with ``FILTER``, the WCS and ``NCORFAC``).
+        (header: a dict or FITS header with ``FILTER`` and the WCS), read one at a time.
     astrometry
         Band → ``{"astrometric_rms_arcsec", "n_ref", "offset_ra_mas", "offset_dec_mas"}``
         from the night's astrometric solution, or ``None`` (figures null, reason given).
@@ -614,15 +614,7 @@ def scan_qa(
 
     rd = _col(pts, "rd_flg", dtype=str) if pts is not None else None
     ra, dec = _col(pts, "ra"), _col(pts, "dec")
-    images = {b: [] for b in BANDS}
-    for item in atlas_images:
-        header, data, sigma = _read_atlas(item)
-        filt = str(_header_get(header, "FILTER", "")).strip().upper()
-        b = "K" if filt in ("K", "KS") else filt
-        if b not in images:
-            raise InputError(item if isinstance(item, str | Path) else None,
-                             f"scan {scan}: Atlas Image with FILTER {filt!r}, expected j, h or k")
-        images[b].append((header, data, sigma))
+    stars: dict[str, tuple] = {}  # band → (ra, dec, FWHM") of the stars for image moments
 
     for i, b in enumerate(BANDS):
         sel = fr["band"] == b
@@ -640,7 +632,7 @@ def scan_qa(
         row["psp"] = (_json_number(float(np.mean(sh)) * row["sky_dn"] ** config.psp_exponent)
                       if fin.size and row["sky_dn"] and row["sky_dn"] > 0 else None)
         # Sources: detections in the band (rd_flg digit not 0 / 6 = upper limit or none).
-        m10, n_fit, n_src, ratio = math.nan, 0, 0, math.nan
+        m10, n_fit, n_src = math.nan, 0, 0
         if rd is not None and rd.size:
             digit = np.array([r[i] if len(r) > i else "0" for r in rd])
             n_src = int(np.sum(~np.isin(digit, ("0", "6"))))
@@ -648,10 +640,11 @@ def scan_qa(
             if mag is not None and snr is not None:
                 prof = digit == "2"
                 m10, n_fit = m10_from_snr(mag[prof], snr[prof], config=config)
-                if images[b] and ra is not None and dec is not None and row["seeing_fwhm"]:
-                    ratio = _moment_ratio(images[b], ra, dec, snr, prof, row["seeing_fwhm"], config)
-        row.update({"m10": _json_number(m10), "m10_n": n_fit, "n_sources": n_src,
-                    "moment_ratio": _json_number(ratio)})
+                if ra is not None and dec is not None and row["seeing_fwhm"]:
+                    idx = _moment_stars(ra, dec, snr, prof, config)
+                    if idx.size >= config.moment_min_stars:
+                        stars[b] = (ra[idx], dec[idx], row["seeing_fwhm"])
+        row.update({"m10": _json_number(m10), "m10_n": n_fit, "n_sources": n_src})
         # Astrometry and calibration figures, as given.
         ast = (astrometry or {}).get(b) if astrometry is not None else None
         for key in ("astrometric_rms_arcsec", "offset_ra_mas", "offset_dec_mas"):
@@ -660,20 +653,36 @@ def scan_qa(
         cal = (calibration or {}).get(b) if calibration is not None else None
         for key in ("zp_residual_rms", "zp_offset"):
             row[key] = _json_number(cal.get(key)) if cal else None
-        # Airglow on each Atlas Image of the band.
-        ex, meas, pred = [], [], []
-        for header, data, sigma in images[b]:
-            res = atlas_background_noise(data, sigma, config=config)
-            if res["n_pixels"]:
-                ex.append(res["airglow_excess"])
-                meas.append(res["measured_dn"])
-                pred.append(res["predicted_dn"])
-        row["n_images"] = len(images[b])
-        row["airglow_excess"] = float(np.median(ex)) if ex else None
-        row["airglow_images"] = int(np.sum(np.asarray(ex) > config.airglow_limit)) if ex else 0
-        row["atlas_noise_dn"] = float(np.median(meas)) if meas else None
-        row["atlas_noise_predicted_dn"] = float(np.median(pred)) if pred else None
         bands[b] = row
+
+    # The Atlas Images, one at a time (a 273-frame scan has 72 of 2 MB each): airglow
+    # statistic and the moments of the band's stars.
+    noise = {b: [] for b in BANDS}
+    moments = {b: [] for b in BANDS}
+    count = dict.fromkeys(BANDS, 0)
+    for item in atlas_images:
+        header, data, sigma = _read_atlas(item)
+        filt = str(_header_get(header, "FILTER", "")).strip().upper()
+        b = "K" if filt in ("K", "KS") else filt
+        if b not in noise:
+            raise InputError(item if isinstance(item, str | Path) else None,
+                             f"scan {scan}: Atlas Image with FILTER {filt!r}, expected j, h or k")
+        count[b] += 1
+        res = atlas_background_noise(data, sigma, config=config)
+        if res["n_pixels"]:
+            noise[b].append((res["airglow_excess"], res["measured_dn"], res["predicted_dn"]))
+        if b in stars:
+            moments[b].extend(_image_moment_ratios(header, data, *stars[b]))
+    for b in BANDS:
+        row = bands[b]
+        ex, meas, pred = (np.array(v) for v in zip(*noise[b], strict=True)) if noise[b] else ([], [], [])
+        row["n_images"] = count[b]
+        row["airglow_excess"] = float(np.median(ex)) if len(ex) else None
+        row["airglow_images"] = int(np.sum(np.asarray(ex) > config.airglow_limit)) if len(ex) else 0
+        row["atlas_noise_dn"] = float(np.median(meas)) if len(meas) else None
+        row["atlas_noise_predicted_dn"] = float(np.median(pred)) if len(pred) else None
+        row["moment_ratio"] = (float(np.median(moments[b])) if len(moments[b]) >= config.moment_min_stars
+                               else None)
 
     # (3) Seeing and focus: J seeing shape; moment ratio in every band.
     j = bands["J"]
@@ -784,34 +793,34 @@ def scan_qa(
     }
 
 
-def _moment_ratio(images, ra, dec, snr, prof, fwhm_arcsec, config: QaConfig) -> float:
-    """Median moment ratio of the band's isolated, well-measured stars over its images."""
+def _moment_stars(ra, dec, snr, prof, config: QaConfig) -> np.ndarray:
+    """Indices of the isolated, well-measured profile-fit stars used for image moments."""
     from scipy.spatial import cKDTree
 
     ok = prof & np.isfinite(snr) & (snr >= config.moment_snr_min) & (snr <= config.moment_snr_max)
     ok &= np.isfinite(ra) & np.isfinite(dec)
     if ok.sum() < config.moment_min_stars:
-        return math.nan
+        return np.zeros(0, int)
     # Isolation against every source of the scan (tangent plane at the scan centre, arcsec).
     good = np.isfinite(ra) & np.isfinite(dec)
     d0, r0 = np.deg2rad(np.median(dec[good])), np.median(ra[good])
     xy = np.column_stack([(ra - r0) * np.cos(d0) * 3600.0, (dec - np.rad2deg(d0)) * 3600.0])
     tree = cKDTree(xy[good])
     cnt = np.array([len(v) for v in tree.query_ball_point(xy[ok], config.moment_isolation_arcsec)])
-    idx = np.flatnonzero(ok)[cnt <= 1]
-    ratios = []
-    for header, data, _ in images:
-        w = _wcs(header)
-        px, py = w.all_world2pix(ra[idx], dec[idx], 0)
-        scale = abs(float(_header_get(header, "CDELT2", 1.0 / 3600.0))) * 3600.0
-        ny, nx = data.shape
-        inside = (px > 6) & (px < nx - 7) & (py > 6) & (py < ny - 7)
-        if np.any(inside):
-            r = image_moment_ratio(data, px[inside], py[inside], fwhm_px=fwhm_arcsec / scale)
-            ratios.extend(r[np.isfinite(r)].tolist())
-    if len(ratios) < config.moment_min_stars:
-        return math.nan
-    return float(np.median(ratios))
+    return np.flatnonzero(ok)[cnt <= 1]
+
+
+def _image_moment_ratios(header, data, ra, dec, fwhm_arcsec: float) -> list[float]:
+    """Moment ratios of the stars (ra, dec) that fall on one Atlas Image."""
+    w = _wcs(header)
+    px, py = w.all_world2pix(ra, dec, 0)
+    scale = abs(float(_header_get(header, "CDELT2", 1.0 / 3600.0))) * 3600.0
+    ny, nx = data.shape
+    inside = (px > 6) & (px < nx - 7) & (py > 6) & (py < ny - 7)
+    if not np.any(inside):
+        return []
+    r = image_moment_ratio(data, px[inside], py[inside], fwhm_px=fwhm_arcsec / scale)
+    return r[np.isfinite(r)].tolist()
 
 
 def failed_scan_qa(scan: int, scan_type: str, reason: str) -> dict:
