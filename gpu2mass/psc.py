@@ -89,7 +89,7 @@ from astropy.table import MaskedColumn, Table
 from gpu2mass import flags
 from gpu2mass.epochs import source_epochs
 from gpu2mass.errors import ConfigError, StepError
-from gpu2mass.geometry import tan_project
+from gpu2mass.geometry import tan_deproject, tan_project
 
 __all__ = [
     "ADDED_COLUMNS",
@@ -294,7 +294,7 @@ def _along_axis(fra, fdec):
     return ra0, dec0, axis
 
 
-def scan_edges(ra, dec, frames, *, nx: int, ny: int):
+def scan_edges(ra, dec, frames, *, nx: int, ny: int, geometries: Mapping | None = None):
     """Distances of sources to the edges of a scan's three-band coverage, and their mean
     cross-scan focal-plane position.
 
@@ -308,37 +308,75 @@ def scan_edges(ra, dec, frames, *, nx: int, ny: int):
         ``scale_arcsec``; ``mjd``, ``airmass``).
     nx, ny
         Array size, pixels.
+    geometries
+        Optional band → :class:`~gpu2mass.geometry.FrameGeometry` of the scan (its frames in
+        frame order): the arrays' outlines then include the focal-plane distortion, which
+        the frames table does not carry (without it, distances to the sides come out ~1"
+        short where the distortion pushes the array's edges out by ~0.5 pixel).
 
     Returns
     -------
     north, south, east, west
         float arrays (n,): signed distances (arcsec, negative outside) to the north and south
-        ends and the east and west edges of the area covered in every band.
+        ends and the east and west edges of the area covered in every band. The ends are
+        reached along the scan track (the line of frame centres), the sides across it.
     x_scan
-        float array (n,): mean frame +x position (arcsec, ≈ west) over the frames holding
-        the source (the nearest frame's where none does).
+        float array (n,): mean frame +x position (arcsec from the array centre, ≈ west) over
+        the frames holding the source (the nearest frame's where none does).
     """
     ra = np.atleast_1d(np.asarray(ra, float))
     dec = np.atleast_1d(np.asarray(dec, float))
     f = _frame_columns(frames)
     n = ra.size
-    bands = [b for b in flags.BANDS if np.any(f["band"] == b)] or sorted(set(f["band"]))
+    geometries = dict(geometries or {})
+    bands = [b for b in flags.BANDS if np.any(f["band"] == b) or b in geometries]
     ra0, dec0, axis = _along_axis(f["ra"].astype(float), f["dec"].astype(float))
+    perp = np.array([axis[1], -axis[0]])  # cross-scan axis of the scan plane
     sxi, seta = tan_project(ra, dec, ra0, dec0)
     s_src = sxi * axis[0] + seta * axis[1]
+    c_src = sxi * perp[0] + seta * perp[1]
     out = {k: np.full(n, np.inf) for k in ("north", "south", "east", "west")}
     xsum, xcnt = np.zeros(n), np.zeros(n)
     x_near, d_near = np.zeros(n), np.full(n, np.inf)
     for b in bands:
-        sel = f["band"] == b
-        fra, fdec = f["ra"][sel].astype(float), f["dec"][sel].astype(float)
-        rot, scale = f["rot_deg"][sel].astype(float), f["scale_arcsec"][sel].astype(float)
+        geom = geometries.get(b)
+        if geom is not None:
+            fra, fdec = np.asarray(geom.ra, float), np.asarray(geom.dec, float)
+            rot = np.full(fra.size, float(geom.band.rotation_deg))
+            scale = np.full(fra.size, float(geom.band.scale_arcsec))
+        else:
+            sel = f["band"] == b
+            fra, fdec = f["ra"][sel].astype(float), f["dec"][sel].astype(float)
+            rot, scale = f["rot_deg"][sel].astype(float), f["scale_arcsec"][sel].astype(float)
         fxi, feta = tan_project(fra, fdec, ra0, dec0)
         s_f = fxi * axis[0] + feta * axis[1]
-        order = np.argsort(s_f, kind="stable")
-        fra, fdec, rot, scale, s_f = fra[order], fdec[order], rot[order], scale[order], s_f[order]
-        half_w, half_h = 0.5 * nx * scale, 0.5 * ny * scale
-        reach = float(half_h.max()) + 60.0  # frames whose along-scan span can hold a source
+        order = np.argsort(s_f, kind="stable")  # frame indices along the scan, south first
+        s_f = s_f[order]
+
+        def arc(r, d, k, order=order, fra=fra, fdec=fdec, rot=rot):
+            """(x, y) arcsec of points in frames k (sorted indices), as arc lengths."""
+            k = order[k]
+            return _local_xy(r, d, fra[k], fdec[k], rot[k])
+
+        def pixel(r, d, k, x, y, order=order, scale=scale, geom=geom):
+            """Pixel (x, y) of points in frames k: through the distortion where a geometry
+            is given and the point is within an array size of the frame, else the rotation."""
+            kk = order[k]
+            px, py = x / scale[kk] + (nx - 1) / 2, y / scale[kk] + (ny - 1) / 2
+            if geom is not None:
+                near = (np.abs(x) < nx * scale[kk]) & (np.abs(y) < ny * scale[kk])
+                if near.any():
+                    gx, gy = geom.sky_to_pixel(kk[near], r[near], d[near])
+                    px, py = px.copy(), py.copy()
+                    px[near], py[near] = gx, gy
+            return px, py
+
+        def undistorted(u, v, geom=geom):
+            """Sky (undistorted) pixel offsets from the array centre of points at pixel
+            offsets (u, v): the array's outline as it lies on the sky."""
+            return (u, v) if geom is None else geom.band.distort(u, v)
+
+        reach = 0.5 * ny * float(scale.max()) + 60.0  # frames whose span can hold a source
         # East/west: the frames spanning the source's along-scan position.
         lo = np.searchsorted(s_f, s_src - reach, "left")
         hi = np.searchsorted(s_f, s_src + reach, "right")
@@ -348,11 +386,17 @@ def scan_edges(ra, dec, frames, *, nx: int, ny: int):
         cnt = hi - lo
         src = np.repeat(np.arange(n), cnt)
         frm = np.repeat(lo - np.cumsum(np.r_[0, cnt[:-1]]), cnt) + np.arange(cnt.sum())
-        x, y = _local_xy(ra[src], dec[src], fra[frm], fdec[frm], rot[frm])
-        spans = np.abs(y) <= half_h[frm]
+        x, y = arc(ra[src], dec[src], frm)
+        px, py = pixel(ra[src], dec[src], frm, x, y)
+        sc = scale[order[frm]]
+        spans = (py >= -0.5) & (py <= ny - 0.5)
+        # The array's sides at the source's row, in undistorted (sky) pixel offsets.
+        u_east, _ = undistorted(np.full(x.size, -nx / 2), py - (ny - 1) / 2)
+        u_west, _ = undistorted(np.full(x.size, nx / 2), py - (ny - 1) / 2)
+        east_px, west_px = x - u_east * sc, u_west * sc - x
         east_b, west_b = np.full(n, -np.inf), np.full(n, -np.inf)
-        np.maximum.at(east_b, src[spans], (x + half_w[frm])[spans])
-        np.maximum.at(west_b, src[spans], (half_w[frm] - x)[spans])
+        np.maximum.at(east_b, src[spans], east_px[spans])
+        np.maximum.at(west_b, src[spans], west_px[spans])
         # A source beyond an end: the cross-scan distances of the nearest frame.
         dist = np.hypot(x, y)
         first = np.full(n, np.inf)
@@ -360,24 +404,36 @@ def scan_edges(ra, dec, frames, *, nx: int, ny: int):
         nearest = dist <= first[src]
         none = ~np.isfinite(east_b)
         pick = nearest & none[src]
-        east_b[src[pick]] = (x + half_w[frm])[pick]
-        west_b[src[pick]] = (half_w[frm] - x)[pick]
+        east_b[src[pick]] = east_px[pick]
+        west_b[src[pick]] = west_px[pick]
         out["east"] = np.minimum(out["east"], east_b)
         out["west"] = np.minimum(out["west"], west_b)
-        inside = spans & (np.abs(x) <= half_w[frm])
-        np.add.at(xsum, src[inside], x[inside])
+        xoff = (px - (nx - 1) / 2) * sc
+        inside = spans & (px >= -0.5) & (px <= nx - 0.5)
+        np.add.at(xsum, src[inside], xoff[inside])
         np.add.at(xcnt, src[inside], 1.0)
         better = nearest & (first[src] < d_near[src])
-        x_near[src[better]] = x[better]
+        x_near[src[better]] = xoff[better]
         d_near[src[better]] = first[src[better]]
-        # North/south: the frames at each end of the scan (within one frame height of it).
-        for end, name in ((s_f >= s_f[-1] - 2 * reach, "north"), (s_f <= s_f[0] + 2 * reach, "south")):
-            e = np.flatnonzero(end)
-            x, y = _local_xy(ra[:, None], dec[:, None], fra[e][None, :], fdec[e][None, :], rot[e][None, :])
-            d = (half_h[e][None, :] - y) if name == "north" else (half_h[e][None, :] + y)
-            across = np.abs(x) <= half_w[e][None, :]
+        # North/south: the frames at each end of the scan. Each source is carried along the
+        # track to the end frame (point P: the source's cross-scan offset, the frame's
+        # along-scan place); the end lies beyond P by P's distance to the frame's edge.
+        for name, end in (("north", np.flatnonzero(s_f >= s_f[-1] - 2 * reach)),
+                          ("south", np.flatnonzero(s_f <= s_f[0] + 2 * reach))):
+            k = np.broadcast_to(end[None, :], (n, end.size)).ravel()
+            i = np.repeat(np.arange(n), end.size)
+            p_ra, p_dec = tan_deproject(s_f[k] * axis[0] + c_src[i] * perp[0],
+                                        s_f[k] * axis[1] + c_src[i] * perp[1], ra0, dec0)
+            _, ys_ = arc(ra[i], dec[i], k)
+            xp_, yp_ = arc(p_ra, p_dec, k)
+            ppx, _ = pixel(p_ra, p_dec, k, xp_, yp_)
+            sc = scale[order[k]]
+            _, v_end = undistorted(ppx - (nx - 1) / 2, np.full(k.size, ny / 2 if name == "north" else -ny / 2))
+            d = v_end * sc - ys_ if name == "north" else ys_ - v_end * sc
+            across = (ppx >= -0.5) & (ppx <= nx - 0.5)
+            d, across = d.reshape(n, end.size), across.reshape(n, end.size)
             best = np.where(across, d, -np.inf).max(axis=1)
-            # Outside the band's cross-scan extent: the end frames' edge all the same.
+            # Beyond the band's cross-scan extent: the end frames' edge all the same.
             best = np.where(np.isfinite(best), best, d.max(axis=1))
             out[name] = np.minimum(out[name], best)
     x_scan = np.where(xcnt > 0, xsum / np.maximum(xcnt, 1), x_near)
@@ -507,7 +563,7 @@ def _masked(values, mask, dtype):
 
 def finalize_point_sources(pts: Table, *, scan: int, night_date: str, observatory: str, frames,
                            atlas_images: Sequence[tuple[int, object]], nx: int = 256, ny: int = 256,
-                           site_lon_deg: float | None = None,
+                           site_lon_deg: float | None = None, geometries: Mapping | None = None,
                            config: PscConfig = PscConfig()) -> Table:
     """Catalog rows of one scan with every PSC column and the added ones, in spec order.
 
@@ -534,6 +590,10 @@ def finalize_point_sources(pts: Table, *, scan: int, night_date: str, observator
     site_lon_deg
         Observatory longitude (deg, east positive) for ``date``; default the 2MASS site of
         ``observatory``.
+    geometries
+        Optional band → :class:`~gpu2mass.geometry.FrameGeometry` of the scan (with the
+        focal-plane distortion), for exact edge distances and ``x_scan`` (see
+        :func:`scan_edges`).
 
     Returns
     -------
@@ -568,7 +628,7 @@ def finalize_point_sources(pts: Table, *, scan: int, night_date: str, observator
     if tband is None:
         raise StepError(f"scan {scan}: the frames table has no J, H or K rows")
     if n:
-        north, south, east, west, x_scan = scan_edges(ra, dec, f, nx=nx, ny=ny)
+        north, south, east, west, x_scan = scan_edges(ra, dec, f, nx=nx, ny=ny, geometries=geometries)
         mjd, _ = source_epochs(ra, dec, f, tband)
         prox, pxpa, pxcntr = nearest_neighbours(ra, dec, keys)
     else:
@@ -626,9 +686,12 @@ def finalize_point_sources(pts: Table, *, scan: int, night_date: str, observator
 # -- duplicates across the night ----------------------------------------------------------
 
 
-def resolve_duplicates(tables: Mapping[int, Table], *,
+def resolve_duplicates(tables: Mapping[int, Table], *, frames: Mapping | None = None, nx: int = 256,
+                       ny: int = 256, geometries: Mapping | None = None,
                        config: PscConfig = PscConfig()) -> dict[int, Table]:
-    """Rule 7: one apparition per source where the night's scans overlap.
+    """Rule 7: one apparition per source where the night's scans overlap (2MASS multiple
+    source resolution: Explanatory Supplement V.4 and the final-processing memos on
+    ``use_src`` and ``dup_src``).
 
     Parameters
     ----------
@@ -636,10 +699,22 @@ def resolve_duplicates(tables: Mapping[int, Table], *,
         Scan → :func:`finalize_point_sources` rows. Pass the scans whose catalog is built
         together (the science scans, for the PSC; repeated calibration scans of one field
         form a catalog of their own).
+    frames
+        Optional scan → frames table (as for :func:`finalize_point_sources`): the scans'
+        footprints, for pseudo-apparitions (below). Without it, a source seen in one scan only
+        is always kept.
+    nx, ny
+        Array size, pixels.
+    geometries
+        Optional scan → band → :class:`~gpu2mass.geometry.FrameGeometry` (see
+        :func:`scan_edges`).
 
     Returns
     -------
-    Scan → a copy of its table with ``dup_src``, ``use_src`` and ``designation`` set:
+    Scan → a copy of its table with ``dup_src``, ``use_src`` and ``designation`` set. Only the
+    rows that pass rules 1–6 (:func:`psc_selection`: the 2MASS catalog-generation database,
+    > 10" from the edges, no artifacts) take part; every other row gets ``use_src`` 0 and
+    ``dup_src`` 0. Among them:
 
     - apparitions in different scans within :attr:`PscConfig.duplicate_radius_arcsec` are
       linked, and linked groups (connected components) are one source or one confused
@@ -648,13 +723,19 @@ def resolve_duplicates(tables: Mapping[int, Table], *,
       (2 × 2), 5 anything larger (a chain);
     - the group's chosen scan is the one whose apparitions lie farthest from its edges
       (largest min(``dist_edge_ns``, ``dist_edge_ew``) of its members; then the larger sum
-      over its members, then the lower scan number); all its members are chosen (a pair that
-      one scan split stays two sources), "even in confused clusters" as 2MASS did;
-    - ``use_src`` is 1 for a chosen apparition that passes rules 1–6 (:func:`psc_selection`),
-      else 0. A faint source seen only in the scan nearer its edge keeps its own ``use_src``
-      (2MASS added "pseudo-apparitions" for such sources; not done here);
-    - a designation shared by two sources with ``use_src`` 1 gets trailing letters A, B, ...
-      in order of ``pts_key``.
+      over its members, then the lower scan number), "independent of source brightness or
+      measurement quality"; all its members are chosen (a pair that one scan split stays two
+      sources);
+    - a scan that covers the source more than the edge margin inside its edges but has no
+      apparition of it in the group (it toggled below the limit there, failed rules 1–6
+      there, or moved) holds a pseudo-apparition; when that lies farther from its scan's
+      edges than the chosen apparition, nothing is chosen (``use_src`` 0, ``dup_src`` as
+      above: 0 for a source seen once) — so overlaps are no deeper than the rest of the sky
+      (needs ``frames``; without them a source seen once is always kept);
+    - ``use_src`` is 1 for the chosen apparitions: the catalog is the rows with ``use_src``
+      1 (which pass rules 1–6 by construction);
+    - a designation shared by two rows with ``use_src`` 1 gets trailing letters A, B, ... in
+      order of ``pts_key``.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -669,15 +750,17 @@ def resolve_duplicates(tables: Mapping[int, Table], *,
     scan_of = np.concatenate([np.full(len(out[s]), s) for s in scans])
     edge = np.concatenate([np.minimum(np.asarray(out[s]["dist_edge_ns"], float),
                                       np.asarray(out[s]["dist_edge_ew"], float)) for s in scans])
-    passes = np.concatenate([psc_selection(out[s], config=config) for s in scans])
+    cand = np.concatenate([psc_selection(out[s], config=config) for s in scans])
     n = ra.size
     dup = np.zeros(n, np.int16)
-    chosen = np.ones(n, bool)
-    if n > 1:
-        a, d = np.deg2rad(ra), np.deg2rad(dec)
-        xyz = np.column_stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)])
+    use = cand.copy()
+    a, d = np.deg2rad(ra), np.deg2rad(dec)
+    xyz = np.column_stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)])
+    ci = np.flatnonzero(cand)
+    members_of = {}  # a linked row → the scans its group spans
+    if ci.size > 1:
         r = 2 * np.sin(0.5 * config.duplicate_radius_arcsec * _ARCSEC_RAD)
-        pairs = cKDTree(xyz).query_pairs(r, output_type="ndarray")
+        pairs = ci[cKDTree(xyz[ci]).query_pairs(r, output_type="ndarray")]
         pairs = pairs[scan_of[pairs[:, 0]] != scan_of[pairs[:, 1]]]
         if len(pairs):
             g = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
@@ -700,8 +783,32 @@ def resolve_duplicates(tables: Mapping[int, Table], *,
                 dup[members] = code
                 rank = [(edge[members][ms == s].min(), edge[members][ms == s].sum(), -s) for s in us]
                 best = us[max(range(us.size), key=lambda i: rank[i])]
-                chosen[members] = ms == best
-    use = chosen & passes
+                use[members] = ms == best
+                spans = set(us.tolist())
+                members_of.update((int(i), spans) for i in members)
+    if frames:
+        # Pseudo-apparitions: a chosen apparition loses to a scan that covers the source
+        # deeper but did not detect it (or not well enough to pass rules 1-6).
+        chosen = np.flatnonzero(use)
+        for other in scans:
+            if other not in frames or not chosen.size:
+                continue
+            f = _frame_columns(frames[other])
+            fa, fd = np.deg2rad(f["ra"].astype(float)), np.deg2rad(f["dec"].astype(float))
+            centres = np.column_stack([np.cos(fd) * np.cos(fa), np.cos(fd) * np.sin(fa), np.sin(fd)])
+            # Near the other scan: within an array's half-diagonal of one of its frames.
+            reach = 0.75 * max(nx, ny) * float(np.max(f["scale_arcsec"])) * _ARCSEC_RAD
+            dist, _ = cKDTree(centres).query(xyz[chosen], distance_upper_bound=2 * np.sin(reach / 2))
+            rows = chosen[np.isfinite(dist)]
+            rows = rows[[other not in members_of.get(int(i), {int(scan_of[i])}) for i in rows]]
+            if not rows.size:
+                continue
+            geo = (geometries or {}).get(other)
+            north, south, east, west, _ = scan_edges(ra[rows], dec[rows], frames[other], nx=nx,
+                                                     ny=ny, geometries=geo)
+            d_other = np.floor(np.minimum(np.minimum(north, south), np.minimum(east, west)))
+            beaten = (d_other > config.edge_margin_arcsec) & (d_other > edge[rows])
+            use[rows[beaten]] = False
     # Designations: distinct names for distinct selected sources.
     desig = np.concatenate([np.asarray(out[s]["designation"]).astype("<U17") for s in scans])
     keys = np.concatenate([np.asarray(out[s]["pts_key"], np.int64) for s in scans])

@@ -192,6 +192,27 @@ def test_scan_edges_against_a_walk_over_the_coverage(rng):
     assert np.all(x_scan[(xi > 100) & held] < 0) and np.all(x_scan[(xi < -100) & held] > 0)
 
 
+def test_scan_edges_follow_the_distorted_outline_when_given_the_geometry(rng):
+    geoms, frames = _scan(nframes=10)
+    # Radial and second-order terms pushing the array's sides out by ~0.5 px (the tiny and
+    # ci nights' camera): the frames table alone misses them.
+    dist = np.zeros((2, 7))
+    dist[0, [0, 2, 3, 5]] = [0.15, -0.15, 0.35, 0.35]
+    dist[1, [1, 4, 6]] = [-0.2, 0.35, 0.35]
+    geoms = {b: FrameGeometry(BandGeometry(NX, NY, SCALE[b], ROT[b], dist), g.ra, g.dec)
+             for b, g in geoms.items()}
+    xi, eta = rng.uniform(-250, 250, 40), rng.uniform(-300, 300, 40)
+    ra, dec = tan_deproject(xi, eta, 150.0, 10.0)
+    inside = _covered(geoms, ra, dec)
+    for given, tol in ((geoms, 0.3), (None, 1.5)):
+        _n, _s, east, west, _ = scan_edges(ra, dec, frames, nx=NX, ny=NY, geometries=given)
+        for d, direction in ((east, (1, 0)), (west, (-1, 0))):
+            err = d[inside] - _walk(geoms, ra[inside], dec[inside], direction, 600)
+            assert np.max(np.abs(err)) < tol, (given is None, np.max(np.abs(err)))
+            if given is None:  # the undistorted outline is short on both sides
+                assert np.median(err) < -0.3
+
+
 def _pipeline_rows(rng, ra, dec, ra0, dec0):
     """Point-source rows made by the scan pipeline's own code (band photometry, band merge,
     assembly), one per position, the last two without a Ks detection (band-filled)."""
@@ -370,6 +391,38 @@ def test_duplicates_in_the_overlap_of_two_scans(rng):
     assert u2[7] == 1 and out[4]["use_src"][0] == 1
     # Inputs are not modified.
     assert not np.any(t1["use_src"]) and not np.any(t1["dup_src"])
+    # Only rows passing rules 1-6 take part: an artifact's apparition (scan 2, deeper) does
+    # not take the source from scan 1, and stays out with dup_src 0.
+    t1b = _rows(1, [15.0], [600.0], [15], [500])
+    t2b = _rows(2, [15.2], [600.1], [44], [500])
+    t2b["cc_flg"][0] = "D00"
+    out = resolve_duplicates({1: t1b, 2: t2b})
+    assert (out[1]["use_src"][0], out[1]["dup_src"][0]) == (1, 0)
+    assert (out[2]["use_src"][0], out[2]["dup_src"][0]) == (0, 0)
+
+
+def test_a_source_seen_once_loses_to_a_deeper_pseudo_apparition():
+    # Two adjacent scans 450" apart in RA overlap in a ~60" strip.
+    ra_b = 150.0 + 450.0 / 3600 / np.cos(np.deg2rad(10.0))
+    _, fa = _scan()
+    _, fb = _scan(ra0=ra_b)
+    xi = np.array([232.0, 212.0, 0.0])  # deeper in scan 2, deeper in scan 1, not in scan 2
+    ra, dec = tan_deproject(xi, np.zeros(3), 150.0, 10.0)
+    north, south, east, west, _ = scan_edges(ra, dec, fa, nx=NX, ny=NY)
+    ta = _rows(1, xi, np.zeros(3), np.floor(np.minimum(east, west)), np.floor(np.minimum(north, south)))
+    *_, wb, _ = scan_edges(ra, dec, fb, nx=NX, ny=NY)
+    assert ta["dist_edge_ew"][0] < np.floor(wb[0]) and ta["dist_edge_ew"][1] > np.floor(wb[1])
+    assert np.all(ta["dist_edge_ew"] > 10) and np.floor(wb[0]) > 10
+    tb = _rows(2, [-450.0], [500.0], [100], [100], ra0=ra_b)
+    with_pseudo = resolve_duplicates({1: ta, 2: tb}, frames={1: fa, 2: fb}, nx=NX, ny=NY)
+    assert list(with_pseudo[1]["use_src"]) == [0, 1, 1] and not any(with_pseudo[1]["dup_src"])
+    assert list(resolve_duplicates({1: ta, 2: tb})[1]["use_src"]) == [1, 1, 1]
+    # Seen in both scans: a clean match, and the deeper real apparition (scan 2) is kept (a
+    # scan of the group holds no pseudo-apparition).
+    tb2 = _rows(2, [232.0 - 450.0], [0.0], [np.floor(wb[0])], [100], ra0=ra_b)
+    both = resolve_duplicates({1: ta, 2: tb2}, frames={1: fa, 2: fb}, nx=NX, ny=NY)
+    assert (both[1]["dup_src"][0], both[2]["dup_src"][0]) == (1, 1)
+    assert (both[1]["use_src"][0], both[2]["use_src"][0]) == (0, 1)
 
 
 def test_equal_designations_of_selected_sources_get_letters():
