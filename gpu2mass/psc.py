@@ -61,9 +61,14 @@ Column definitions (the PSC's, All-Sky Release Explanatory Supplement section II
     (:func:`coadd_key`; one key per image position, common to its three bands). Null for a
     source outside every image.
 ``ext_key``, ``gal_contam``
-    Null: the pipeline has no extended-source catalog yet, so neither the association with
-    an XSC source nor the contamination flag can be known (a 0 would claim "not
-    contaminated").
+    With the scan's extended sources (``extended``: XSC rows with ``ext_key``, ``ra``,
+    ``dec``, ``r_k20fe``, ``k_ba``, ``k_phi``): ``ext_key`` of the extended source whose
+    centre lies within :attr:`PscConfig.xsc_match_arcsec` of the point source (the nearest),
+    and ``gal_contam`` 1 when that source is larger than 10" (the point source IS the
+    resolved galaxy), else 2 inside the Ks 20 mag/arcsec² fiducial ellipse (semi-major
+    ``r_k20fe``, axis ratio ``k_ba``, position angle ``k_phi`` east of north) of an extended
+    source larger than 10", else 0 (facts sheet 13.5). Without ``extended`` both are null:
+    no association can be known (a 0 would claim "not contaminated").
 ``mp_flg``
     Null: the pipeline has no minor-planet ephemeris input yet.
 ``dup_src``, ``use_src``
@@ -98,6 +103,7 @@ __all__ = [
     "atlas_grids_from_files",
     "coadd_key",
     "designation",
+    "extended_association",
     "finalize_point_sources",
     "nearest_neighbours",
     "observation_date",
@@ -163,6 +169,13 @@ class PscConfig:
     snr_three_band
         ... or detected in all three bands and SNR above this (5; ``cmsig`` ≤ 0.2171) in at
         least one.
+    xsc_min_radius_arcsec
+        ``gal_contam``: extended sources with a fiducial semi-major axis above this (10",
+        the PSC's) contaminate the point sources inside them.
+    xsc_match_arcsec
+        ``ext_key``: a point source within this of an extended source's centre is that
+        source's point-source counterpart (2"; decision: the PSC text gives no radius, and
+        2" is the point-source match radius of the duplicate resolution).
     psfchi_max
         Rule 5: ``[jhk]_psfchi`` below this (10) in at least one band. A band measured
         without a PSF fit (``rd_flg`` 1 or 3: R1 aperture or radial profile of a saturated
@@ -181,6 +194,8 @@ class PscConfig:
 
     edge_margin_arcsec: float = 10.0
     duplicate_radius_arcsec: float = 2.0
+    xsc_min_radius_arcsec: float = 10.0
+    xsc_match_arcsec: float = 2.0
     snr_single: float = 7.0
     snr_three_band: float = 5.0
     psfchi_max: float = 10.0
@@ -189,6 +204,8 @@ class PscConfig:
         if self.edge_margin_arcsec < 0 or self.duplicate_radius_arcsec <= 0:
             raise ConfigError("psc.edge_margin_arcsec >= 0 and psc.duplicate_radius_arcsec > 0 "
                               "are required")
+        if self.xsc_min_radius_arcsec < 0 or self.xsc_match_arcsec <= 0:
+            raise ConfigError("psc.xsc_min_radius_arcsec >= 0 and psc.xsc_match_arcsec > 0 are required")
         if not 0 < self.snr_three_band <= self.snr_single or self.psfchi_max <= 0:
             raise ConfigError("psc: 0 < snr_three_band <= snr_single and psfchi_max > 0 are required")
 
@@ -507,6 +524,58 @@ def _atlas_image(ra, dec, atlas_images) -> np.ndarray:
     return best_img
 
 
+def extended_association(ra, dec, extended, *, config: PscConfig = PscConfig()):
+    """``gal_contam`` and ``ext_key`` of point sources from the extended sources around them.
+
+    ``ra``, ``dec`` deg (n,); ``extended`` a table with ``ext_key``, ``ra``, ``dec``,
+    ``r_k20fe`` (arcsec), ``k_ba``, ``k_phi`` (deg east of north). Returns ``gal_contam``
+    int16 (n,) (0, 1 or 2) and ``ext_key`` int64 (n,) (−1: none); see the module docstring.
+    """
+    from scipy.spatial import cKDTree
+
+    ra = np.atleast_1d(np.asarray(ra, float))
+    dec = np.atleast_1d(np.asarray(dec, float))
+    n = ra.size
+    gal = np.zeros(n, np.int16)
+    key = np.full(n, -1, np.int64)
+    if extended is None or len(extended) == 0 or n == 0:
+        return gal, key
+    missing = [c for c in ("ext_key", "ra", "dec", "r_k20fe", "k_ba", "k_phi") if c not in extended.colnames]
+    if missing:
+        raise StepError(f"the extended sources lack {', '.join(missing)}")
+
+    def col(name, fill=np.nan):
+        c = extended[name]
+        return np.asarray(c.filled(fill) if hasattr(c, "filled") else c, float)
+
+    xra, xdec, radius = col("ra"), col("dec"), col("r_k20fe", 0.0)
+    ba, phi = col("k_ba", 1.0), np.deg2rad(col("k_phi", 0.0))
+    xkey = np.asarray(extended["ext_key"], np.int64)
+    a, d = np.deg2rad(ra), np.deg2rad(dec)
+    tree = cKDTree(np.column_stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)]))
+    for j in np.argsort(-radius, kind="stable"):  # larger sources first: 1 beats 2
+        aj, dj = np.deg2rad(xra[j]), np.deg2rad(xdec[j])
+        centre = [np.cos(dj) * np.cos(aj), np.cos(dj) * np.sin(aj), np.sin(dj)]
+        reach = max(radius[j], config.xsc_match_arcsec) * _ARCSEC_RAD
+        near = np.asarray(tree.query_ball_point(centre, 2 * np.sin(reach / 2) * 1.0001), int)
+        if not near.size:
+            continue
+        xi, eta = tan_project(ra[near], dec[near], xra[j], xdec[j])
+        sep = np.hypot(xi, eta)
+        m = int(np.argmin(sep))
+        big = radius[j] > config.xsc_min_radius_arcsec
+        if sep[m] <= config.xsc_match_arcsec and key[near[m]] < 0:
+            key[near[m]] = xkey[j]
+            if big:
+                gal[near[m]] = 1
+        if big:
+            major = xi * np.sin(phi[j]) + eta * np.cos(phi[j])
+            minor = xi * np.cos(phi[j]) - eta * np.sin(phi[j])
+            inside = (major / radius[j]) ** 2 + (minor / (radius[j] * max(ba[j], 1e-3))) ** 2 <= 1.0
+            gal[near[inside & (gal[near] == 0)]] = 2
+    return gal, key
+
+
 # -- selection ----------------------------------------------------------------------------
 
 
@@ -564,7 +633,7 @@ def _masked(values, mask, dtype):
 def finalize_point_sources(pts: Table, *, scan: int, night_date: str, observatory: str, frames,
                            atlas_images: Sequence[tuple[int, object]], nx: int = 256, ny: int = 256,
                            site_lon_deg: float | None = None, geometries: Mapping | None = None,
-                           config: PscConfig = PscConfig()) -> Table:
+                           extended: Table | None = None, config: PscConfig = PscConfig()) -> Table:
     """Catalog rows of one scan with every PSC column and the added ones, in spec order.
 
     Parameters
@@ -594,6 +663,9 @@ def finalize_point_sources(pts: Table, *, scan: int, night_date: str, observator
         Optional band → :class:`~gpu2mass.geometry.FrameGeometry` of the scan (with the
         focal-plane distortion), for exact edge distances and ``x_scan`` (see
         :func:`scan_edges`).
+    extended
+        Optional extended sources of the scan (see :func:`extended_association`); without
+        them ``gal_contam`` and ``ext_key`` are null.
 
     Returns
     -------
@@ -645,6 +717,7 @@ def finalize_point_sources(pts: Table, *, scan: int, night_date: str, observator
     gal = SkyCoord(ra=ra * u.deg, dec=dec * u.deg, frame="icrs").galactic
     hp = HEALPix(nside=2**_HEALPIX_ORDER, order="nested")
     img = _atlas_image(ra, dec, atlas_images)
+    contam, ext = extended_association(ra, dec, extended, config=config)
 
     out = Table()
     cols = {
@@ -652,7 +725,7 @@ def finalize_point_sources(pts: Table, *, scan: int, night_date: str, observator
         "prox": MaskedColumn(prox, mask=~np.isfinite(prox)),
         "pxpa": _masked(np.rint(np.nan_to_num(pxpa)) % 360, ~np.isfinite(pxpa), np.int16),
         "pxcntr": _masked(pxcntr, pxcntr < 0, np.int64),
-        "gal_contam": MaskedColumn(np.zeros(n, np.int16), mask=np.ones(n, bool)),
+        "gal_contam": _masked(contam, np.full(n, extended is None), np.int16),
         "mp_flg": MaskedColumn(np.zeros(n, np.int16), mask=np.ones(n, bool)),
         "pts_key": keys,
         "hemis": np.full(n, observatory, "<U1"),
@@ -667,7 +740,7 @@ def finalize_point_sources(pts: Table, *, scan: int, night_date: str, observator
         "dist_edge_flg": np.asarray(flg, "<U2"),
         "dup_src": np.zeros(n, np.int16),
         "use_src": np.zeros(n, np.int16),
-        "ext_key": MaskedColumn(np.zeros(n, np.int64), mask=np.ones(n, bool)),
+        "ext_key": _masked(ext, ext < 0, np.int64),
         "scan_key": np.full(n, skey, np.int64),
         "coadd_key": _masked(skey * _IMAGES_PER_SCAN + img, img == 0, np.int64),
         "coadd": _masked(img, img == 0, np.int16),

@@ -23,6 +23,7 @@ from gpu2mass.psc import (
     PSC_COLUMNS,
     PscConfig,
     designation,
+    extended_association,
     finalize_point_sources,
     nearest_neighbours,
     observation_date,
@@ -317,6 +318,13 @@ def test_catalog_rows_of_a_scan(rng, tmp_path):
         if v.dtype.kind == "f":
             sentinel = np.isin(np.round(v, 3), (-99.0, -99.99, -99.999, -999.0, 99.999, 999.0))
             assert np.all(np.isfinite(v[~np.isnan(v)])) and not sentinel.any(), c
+    # With the scan's extended sources: gal_contam known (0 or more), ext_key where matched.
+    xsc = Table({"ext_key": np.array([9], np.int64), "ra": [t["ra"][5]], "dec": [t["dec"][5]],
+                 "r_k20fe": [12.0], "k_ba": [1.0], "k_phi": [0.0]})
+    tx = finalize_point_sources(pts, scan=5, night_date="2000-03-15", observatory="s", frames=frames,
+                                atlas_images=images, extended=xsc)
+    assert not np.any(tx["gal_contam"].mask) and tx["gal_contam"][5] == 1
+    assert tx["ext_key"][5] == 9 and np.sum(~tx["ext_key"].mask) == 1
 
 
 def _rows(scan, xi, eta, ew, ns, ra0=150.0, dec0=10.0):
@@ -436,6 +444,21 @@ def test_equal_designations_of_selected_sources_get_letters():
     assert names == [t1["designation"][0] + "A", t1["designation"][0] + "B"]
     out = resolve_duplicates({1: t1, 2: t2}, config=PscConfig())  # now one source
     assert [out[1]["designation"][0], out[2]["designation"][0]] == [t1["designation"][0]] * 2
+
+
+def test_extended_source_association():
+    # A 30" galaxy elongated along PA 45° with axis ratio 0.5, and a 6" one.
+    xsc = Table({"ext_key": np.array([71, 72], np.int64), "ra": [150.0, 150.05], "dec": [10.0, 10.0],
+                 "r_k20fe": [30.0, 6.0], "k_ba": [0.5, 0.9], "k_phi": [45.0, 0.0]})
+    pa = np.deg2rad(45.0)
+    xi = [0.5, 25 * np.sin(pa), 25 * np.cos(pa), 0.0, 0.0, 40.0]  # centre; 25" along major, minor
+    eta = [0.3, 25 * np.cos(pa), -25 * np.sin(pa), 0.0, 0.0, 0.0]
+    ra, dec = tan_deproject(np.array(xi), np.array(eta), 150.0, 10.0)
+    ra[3], dec[3] = 150.05, 10.0 + 1.0 / 3600  # 1" from the small one's centre
+    ra[4], dec[4] = 150.05, 10.0 + 3.0 / 3600  # 3" from it: no counterpart
+    gal, key = extended_association(ra, dec, xsc)
+    assert list(gal) == [1, 2, 0, 0, 0, 0] and list(key) == [71, -1, -1, 72, -1, -1]
+    assert list(extended_association(ra, dec, None)[0]) == [0] * 6
 
 
 def test_config_is_registered_and_checked():
