@@ -239,15 +239,24 @@ def run_psf_photometry(frames, *, mask, noise, geometry: FrameGeometry, psf_alph
     c_ra, c_dec = tan_deproject(centre[:, 0], centre[:, 1], ra0, dec0)
 
     # Frames covering each group centre, and the linear map (u, v) -> frame pixel there.
-    fx, fy = geometry.sky_to_pixel(np.arange(n)[:, None], c_ra[None, :], c_dec[None, :])  # (n, G)
+    # Only the (group, frame) pairs near each other are mapped exactly (a scan's frame
+    # holds a few per cent of its groups): mapping every pair cost seconds per band.
+    pg, pk, fx, fy = geometry.frames_holding(c_ra, c_dec)
     inside = (fx >= cfg.edge_px) & (fx <= nx - 1 - cfg.edge_px) & (fy >= cfg.edge_px) & (fy <= ny - 1 - cfg.edge_px)
+    pg, pk, fx, fy = pg[inside], pk[inside], fx[inside], fy[inside]
+    # Per group at most F frames, those where it lies most centrally (ties: earlier frame),
+    # then in frame order.
+    d = np.hypot(fx - (nx - 1) / 2, fy - (ny - 1) / 2)
+    order = np.lexsort((pk, d, pg))
+    pg, pk = pg[order], pk[order]
+    first = np.searchsorted(pg, np.arange(G))
+    rank = np.arange(pg.size) - first[pg]
+    keep = rank < F
+    pg, pk = pg[keep], pk[keep]
+    order = np.lexsort((pk, pg))
+    pg, pk = pg[order], pk[order]
     frame_of = np.full((G, F), -1, np.int64)
-    for g in range(G):
-        ks = np.flatnonzero(inside[:, g])
-        if ks.size > F:  # the frames where it lies most centrally
-            d = np.hypot(fx[ks, g] - (nx - 1) / 2, fy[ks, g] - (ny - 1) / 2)
-            ks = np.sort(ks[np.argsort(d, kind="stable")[:F]])
-        frame_of[g, : ks.size] = ks
+    frame_of[pg, np.arange(pg.size) - np.searchsorted(pg, np.arange(G))[pg]] = pk
     gi, fi = np.nonzero(frame_of >= 0)
     ki = frame_of[gi, fi]
     maps = np.zeros((G, F, 2, 3))
@@ -291,9 +300,15 @@ def run_psf_photometry(frames, *, mask, noise, geometry: FrameGeometry, psf_alph
     yy, xx = np.mgrid[0:s, 0:s]
     mx = maps[:, :, 0, 0, None] + maps[:, :, 0, 1, None] * init[:, None, :, 1] + maps[:, :, 0, 2, None] * init[:, None, :, 2]
     my = maps[:, :, 1, 0, None] + maps[:, :, 1, 1, None] * init[:, None, :, 1] + maps[:, :, 1, 2, None] * init[:, None, :, 2]
-    used = (np.arange(K)[None, :] < nsrc[:, None])[:, None, :, None, None]
-    d2 = (xx - mx[..., None, None]) ** 2 + (yy - my[..., None, None]) ** 2  # (G, F, K, s, s)
-    d2 = np.where(used, d2, np.inf).min(axis=2)
+    # Squared distance (G, F, s, s) to the nearest member, slot by slot over the groups that
+    # have that slot (most groups have one member: no (G, F, K, s, s) array).
+    d2 = np.full((G, F, s, s), np.inf)
+    for k in range(K):
+        gk = np.flatnonzero(nsrc > k)
+        if gk.size == 0:
+            break
+        dk = (xx - mx[gk, :, k, None, None]) ** 2 + (yy - my[gk, :, k, None, None]) ** 2
+        d2[gk] = np.minimum(d2[gk], dk)
     region = (d2 <= cfg.data_radius_px**2) & ~bad
     clear = (d2 > (cfg.background_clear_arcsec / scale) ** 2) & ~bad
     # Light of the other pieces of a split crowd, at their initial fluxes, is subtracted.
