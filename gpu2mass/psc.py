@@ -44,10 +44,13 @@ Column definitions (the PSC's, All-Sky Release Explanatory Supplement section II
 ``dist_edge_ns``, ``dist_edge_ew``, ``dist_edge_flg``
     Distances (integer arcsec, truncated, never negative) to the nearest north/south end and
     east/west edge of the area the scan covers in all three bands, and which edges those are
-    (``n``/``s`` then ``e``/``w``). The covered area is the union of each band's frames
-    (their centres, position angles and scales from the scan's frames table; the array
-    outline undistorted: the distortion moves the corners by ≲ 1 pixel), intersected over
-    the bands; distances are measured in each frame's own projection (arc lengths).
+    (``n``/``s`` then ``e``/``w``). The covered area is the union of each band's frames,
+    intersected over the bands: frame centres, position angles and scales from the scan's
+    frames table, and the array outline through the focal-plane distortion when the scan's
+    frame geometries are given (without them the outline is undistorted, and on the ci
+    night the distances come out ~1" short: the distortion pushes the sides out by ~0.5
+    pixel). The sides are measured across the scan at the source, the ends along the scan
+    track, in each frame's own projection (arc lengths).
 ``pts_key``
     ``scan_key × 10⁶ + n``, n = 1, 2, ... in order of increasing Dec (then RA) within the
     scan: unique, and the same on every re-run of the night.
@@ -72,9 +75,11 @@ Column definitions (the PSC's, All-Sky Release Explanatory Supplement section II
 ``mp_flg``
     Null: the pipeline has no minor-planet ephemeris input yet.
 ``dup_src``, ``use_src``
-    :func:`finalize_point_sources` gives each scan alone: ``dup_src`` 0 and ``use_src`` the
-    PSC selection rules 1–6 (:func:`psc_selection`); :func:`resolve_duplicates` then applies
-    rule 7 across the night.
+    2MASS multiple-source resolution: ``use_src`` 1 marks the apparition selected for the
+    catalog, so the catalog is the rows with ``use_src`` 1. :func:`finalize_point_sources`
+    gives each scan alone (``dup_src`` 0, ``use_src`` 1 where the PSC selection rules 1–6
+    pass, :func:`psc_selection`); :func:`resolve_duplicates` then applies rule 7 across the
+    night's scans (matches, confusion codes, the distance-to-edge choice, pseudo-apparitions).
 
 Every other column (positions, errors, photometry, flags, ``ndet``, ``scan``) is passed on
 unchanged; internal columns of the scan pipeline are dropped.
@@ -194,10 +199,10 @@ class PscConfig:
 
     edge_margin_arcsec: float = 10.0
     duplicate_radius_arcsec: float = 2.0
-    xsc_min_radius_arcsec: float = 10.0
-    xsc_match_arcsec: float = 2.0
     snr_single: float = 7.0
     snr_three_band: float = 5.0
+    xsc_min_radius_arcsec: float = 10.0
+    xsc_match_arcsec: float = 2.0
     psfchi_max: float = 10.0
 
     def __post_init__(self):
