@@ -658,7 +658,8 @@ def finalize_point_sources(pts: Table, *, scan: int, night_date: str, observator
     atlas_images
         ``(image number, grid)`` of the scan's Atlas Images, the image number as in
         ``atlas/<band>_<scan>_<img>.fits``; a grid is a :class:`gpu2mass.atlas.AtlasGrid` (or
-        anything with ``sky_to_pixel``, ``nx``, ``ny``); see :func:`atlas_grids_from_files`.
+        anything with ``sky_to_pixel``, ``nx``, ``ny``). Or the Atlas Image files themselves
+        (paths), read by :func:`atlas_grids_from_files`.
     nx, ny
         Array size, pixels (the night's ``instrument``).
     site_lon_deg
@@ -721,6 +722,9 @@ def finalize_point_sources(pts: Table, *, scan: int, night_date: str, observator
 
     gal = SkyCoord(ra=ra * u.deg, dec=dec * u.deg, frame="icrs").galactic
     hp = HEALPix(nside=2**_HEALPIX_ORDER, order="nested")
+    atlas_images = list(atlas_images)
+    if atlas_images and isinstance(atlas_images[0], str | Path):
+        atlas_images = atlas_grids_from_files(atlas_images)
     img = _atlas_image(ra, dec, atlas_images)
     contam, ext = extended_association(ra, dec, extended, config=config)
 

@@ -318,6 +318,18 @@ def test_catalog_rows_of_a_scan(rng, tmp_path):
         if v.dtype.kind == "f":
             sentinel = np.isin(np.round(v, 3), (-99.0, -99.99, -99.999, -999.0, 99.999, 999.0))
             assert np.all(np.isfinite(v[~np.isnan(v)])) and not sentinel.any(), c
+    # The Atlas Image files instead of their grids: the same images.
+    from astropy.io import fits
+
+    paths = []
+    for img, g in images:
+        hdu = fits.PrimaryHDU(np.zeros((g.ny, g.nx), np.uint8))
+        hdu.header.update(g.header())
+        paths.append(tmp_path / f"k_005_{img:03d}.fits")
+        hdu.writeto(paths[-1])
+    tf = finalize_point_sources(pts, scan=5, night_date="2000-03-15", observatory="s", frames=frames,
+                                atlas_images=paths)
+    assert np.array_equal(tf["coadd"].filled(0), t["coadd"].filled(0))
     # With the scan's extended sources: gal_contam known (0 or more), ext_key where matched.
     xsc = Table({"ext_key": np.array([9], np.int64), "ra": [t["ra"][5]], "dec": [t["dec"][5]],
                  "r_k20fe": [12.0], "k_ba": [1.0], "k_phi": [0.0]})
