@@ -616,7 +616,8 @@ def _calibration_scalars(calibration) -> dict:
         return out
     per_band = calibration.get("bands") if isinstance(calibration.get("bands"), Mapping) \
         else calibration
-    for band, figures in per_band.items():
+    order = {b: i for i, b in enumerate(_BANDS)}
+    for band, figures in sorted(per_band.items(), key=lambda kv: order.get(str(kv[0]).lower(), 9)):
         if str(band).lower() not in _BANDS or not isinstance(figures, Mapping):
             continue
         for k, v in figures.items():

@@ -459,3 +459,32 @@ def test_database_held_elsewhere_is_a_step_error(loaded):
     finally:
         holder.close()
     assert snapshot(db) == before
+
+
+def test_pipeline_database_holds_its_products(processed_tiny, tmp_path):
+    """``gpu2mass night`` loads its own products: every loaded scan's pts rows with their
+    values, every scan, every Atlas Image; a fresh load elsewhere gives the same tables."""
+    out = processed_tiny
+    db = out / wdb.DB_NAME
+    run = json.loads((out / "run.json").read_text())
+    assert query(db, "SELECT count(*) FROM scans") == [(len(run["scans"]),)]
+    assert query(db, "SELECT count(*) FROM atlas") == [(len(list(out.glob("atlas/*.fits"))),)]
+    n_loaded = 0
+    for item in run["scans"]:
+        scan = item["scan"]
+        qa = json.loads((out / "scans" / f"{scan:03d}" / "qa.json").read_text())
+        got = query(db, "SELECT pts_key, j_m, k_m, ph_qual, designation FROM pts WHERE scan = ?"
+                        " ORDER BY pts_key", [scan])
+        status = query(db, "SELECT status FROM scans WHERE scan = ?", [scan])
+        assert status == [(qa["status"],)]
+        if qa["status"] == "failed":
+            assert got == []
+            continue
+        t = pq.read_table(out / "scans" / f"{scan:03d}" / "pts.parquet").sort_by("pts_key")
+        assert got == list(zip(*(t[c].to_pylist()
+                                 for c in ("pts_key", "j_m", "k_m", "ph_qual", "designation"))))
+        n_loaded += 1
+    assert n_loaded > 0
+    copy = tmp_path / "copy.duckdb"
+    wdb.load_night(out, copy)
+    assert snapshot(copy) == snapshot(db)
