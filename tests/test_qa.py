@@ -307,3 +307,36 @@ def test_status_from_score_and_positions():
     assert q["status"] == "degraded"
     q = scan_qa(3, "sci", frames=fr, pts=pts, astrometry=ast, calibration=None)  # score 5
     assert q["score"] == 5 and q["status"] == "degraded"
+
+
+def check_processed_night_qa(out, night):
+    """The QA products of a processed tiny night against its truth (used by the test below)."""
+    import pyarrow.parquet as pq
+
+    truth = pq.read_table(night / "truth" / "frames.parquet").to_pydict()
+    t_scan, t_band = np.asarray(truth["scan"]), np.asarray(truth["band"])
+    t_fwhm, t_sky = np.asarray(truth["fwhm_arcsec"]), np.asarray(truth["sky_dn"])
+    for scan in (2, 3):
+        q = json.loads((out / "scans" / f"{scan:03d}" / "qa.json").read_text())
+        assert q["scan"] == scan and 0 <= q["score"] <= 10 and q["status"] in ("ok", "degraded")
+        assert q["status"] == "ok" or q["reasons"]
+        for b in "JHK":
+            row = q["bands"][b]
+            assert set(BAND_KEYS) <= set(row)
+            sel = (t_scan == scan) & (t_band == b)
+            # Seeing and background are the frames' own measurements: the truth within 0.1"
+            # (measured -0.04 to +0.02") and 1 % (0.1 %).
+            assert abs(row["seeing_fwhm"] - np.median(t_fwhm[sel])) < 0.1
+            assert abs(row["sky_dn"] / np.median(t_sky[sel]) - 1) < 0.01
+            # Three Atlas Images per band; the simulator's airglow (<= 0.6 % of the sky) is far
+            # from the limit, the PSF is round (ratio 0.95-0.97 measured).
+            assert row["n_images"] == 3 and row["airglow_excess"] < QaConfig().airglow_limit
+            assert row["moment_ratio"] > 0.9
+            assert row["n_sources"] > 100 and 13.5 < row["m10"] < 17.0
+    html = (out / "night" / "qa.html").read_text()
+    assert html[html.index('<table id="scans">'):].count("<tr class=") == 2
+    assert html.count("data:image/png;base64,") >= 3
+
+
+def test_processed_tiny_night_qa(processed_tiny, tiny_night):
+    check_processed_night_qa(processed_tiny, tiny_night)
