@@ -393,29 +393,50 @@ def _fast_len(n: int) -> int:
 
 
 class _Convolver:
-    """'Same'-size linear convolutions of (ny, nx) images with small kernels, by FFT."""
+    """'Same'-size linear convolutions of (ny, nx) images with small kernels, by FFT.
+
+    The spectra of the kernels are kept across calls and across images of the same shape
+    (every Atlas Image of a band has the same size and PSF), and an image's own spectrum
+    can be taken once (:meth:`transform`) for every kernel it is convolved with."""
+
+    #: Kernel spectra by (namespace, FFT shape, kernel bytes); a handful per band.
+    _spectra: dict = {}
 
     def __init__(self, xp, shape, half):
         self.xp, self.shape, self.half = xp, shape, half
         self.fshape = (_fast_len(shape[0] + 2 * half), _fast_len(shape[1] + 2 * half))
-        self._cache = {}
+        # NumPy arrays: SciPy's FFT (the same transform, ~1.5x faster than numpy.fft).
+        if xp.__name__ == "numpy":
+            import scipy.fft
+
+            self.fft = scipy.fft
+        else:
+            self.fft = xp.fft
 
     def spectrum(self, name, kernel):
-        if name not in self._cache:
-            xp = self.xp
+        kernel = np.asarray(kernel, np.float64)
+        key = (self.xp.__name__, self.fshape, kernel.shape, kernel.tobytes())
+        cache = _Convolver._spectra
+        if key not in cache:
+            if len(cache) >= 64:  # seeing changes from band to band: keep the newest
+                cache.pop(next(iter(cache)))
             k = np.zeros(self.fshape)
             h = kernel.shape[0] // 2
             # Kernel centred at the origin (wrapped), so the output needs no shift.
             for dy in range(-h, h + 1):
                 k[dy % self.fshape[0], np.arange(-h, h + 1) % self.fshape[1]] = kernel[dy + h]
-            self._cache[name] = xp.fft.rfft2(xp.asarray(k))
-        return self._cache[name]
+            cache[key] = self.fft.rfft2(self.xp.asarray(k))
+        return cache[key]
+
+    def transform(self, image):
+        """The zero-padded spectrum of an (ny, nx) image, for :meth:`__call__`."""
+        return self.fft.rfft2(image.astype(self.xp.float64), s=self.fshape)
 
     def __call__(self, image, name, kernel):
-        xp = self.xp
+        """``image`` (ny, nx), or its :meth:`transform`, convolved with ``kernel``."""
         ny, nx = self.shape
-        spec = xp.fft.rfft2(image.astype(xp.float64), s=self.fshape)
-        out = xp.fft.irfft2(spec * self.spectrum(name, kernel), s=self.fshape)
+        spec = image if image.shape != self.shape else self.transform(image)
+        out = self.fft.irfft2(spec * self.spectrum(name, kernel), s=self.fshape)
         return out[:ny, :nx]
 
 
@@ -454,8 +475,7 @@ def _background(xp, nd, data, usable, cfg: DetectConfig):
     rows = xp.minimum(m, ny - xp.arange(gy) * m)
     cols = xp.minimum(m, nx - xp.arange(gx) * m)
     area = (rows[:, None] * cols[None, :]).reshape(-1)
-    (_,), n0 = _row_quantiles(xp, pad.reshape(gy, m, gx, m).transpose(0, 2, 1, 3)
-                              .reshape(gy * gx, m * m), (0.5,))
+    n0 = xp.sum(xp.isfinite(pad.reshape(gy, m, gx, m)), axis=(1, 3)).reshape(-1)
     good = (n0 >= cfg.mesh_min_fraction * area) & xp.isfinite(med)
     grid = med.reshape(gy, gx)
     good = good.reshape(gy, gx)
@@ -470,10 +490,16 @@ def _background(xp, nd, data, usable, cfg: DetectConfig):
         grid = nd.median_filter(grid, size=cfg.mesh_filter, mode="nearest")
     yy = (xp.arange(ny, dtype=xp.float64) + 0.5) / m - 0.5
     xx = (xp.arange(nx, dtype=xp.float64) + 0.5) / m - 0.5
-    cy = xp.broadcast_to(yy[:, None], (ny, nx))
-    cx = xp.broadcast_to(xx[None, :], (ny, nx))
     order = 3 if min(gy, gx) >= 4 else 1
-    return nd.map_coordinates(grid, xp.stack([cy, cx]), order=order, mode="nearest")
+    # The spline through the mesh centres is a tensor product (prefilter, boundary rule and
+    # weights act axis by axis), so the map is Wy · grid · Wxᵀ with W the 1-D interpolation
+    # matrices, built by interpolating unit vectors: the same numbers as map_coordinates
+    # over every pixel (to 1e-15) for 1/10 of its time.
+    wy = xp.stack([nd.map_coordinates(e, yy[None], order=order, mode="nearest")
+                   for e in xp.eye(gy)], axis=1)
+    wx = xp.stack([nd.map_coordinates(e, xx[None], order=order, mode="nearest")
+                   for e in xp.eye(gx)], axis=1)
+    return wy @ xp.asarray(grid, xp.float64) @ wx.T
 
 
 def _holes(xp, nd, usable, max_pixels):
@@ -498,13 +524,14 @@ def _robust_scale(xp, z):
     return float(q[1] - q[0])
 
 
-def _snr_map(conv, xp, d, var, usable, kernel, name, cfg, interior_min):
+def _snr_map(conv, xp, spectra, usable, kernel, name, cfg, interior_min):
     """Filtered image, its calibrated noise and SNR, the noise scale (module step 4) and
-    the fraction of the kernel's footprint on usable pixels."""
-    f = conv(d, name, kernel)
-    v = conv(var, name + "2", kernel**2)
+    the fraction of the kernel's footprint on usable pixels. ``spectra``: the
+    :meth:`_Convolver.transform` of the data, its variance and the usable mask."""
+    f = conv(spectra[0], name, kernel)
+    v = conv(spectra[1], name + "2", kernel**2)
     foot = (kernel != 0).astype(float)
-    cover = conv(usable.astype(xp.float64), name + "foot", foot / foot.sum())
+    cover = conv(spectra[2], name + "foot", foot / foot.sum())
     n0 = xp.sqrt(xp.maximum(v, 0.0))
     ok = usable & (n0 > 0)
     z = xp.where(ok, f / xp.where(ok, n0, 1.0), 0.0)
@@ -731,9 +758,10 @@ def _maps(xp, data, sigma, coverage, seeing, cfg: DetectConfig) -> DetectionMaps
     sharp = _gaussian_kernel(sharp_px, max(2, math.ceil(2.5 * sharp_px)))
     conv = _Convolver(xp, data.shape, psf.shape[0] // 2)
     kern = matched_kernel(psf, cfg)
-    f, snr, scale, cover = _snr_map(conv, xp, d, var, use, kern, "psf", cfg, 1.0 - 1e-6)
-    fs, snr_s, scale_s, _ = _snr_map(conv, xp, d, var, use, sharp, "sharp", cfg, 1.0 - 1e-6)
-    w2 = conv(use.astype(xp.float64), "psfnorm", kern * psf)
+    spectra = (conv.transform(d), conv.transform(var), conv.transform(use))
+    f, snr, scale, cover = _snr_map(conv, xp, spectra, use, kern, "psf", cfg, 1.0 - 1e-6)
+    fs, snr_s, scale_s, _ = _snr_map(conv, xp, spectra, use, sharp, "sharp", cfg, 1.0 - 1e-6)
+    w2 = conv(spectra[2], "psfnorm", kern * psf)
     return DetectionMaps(bg, f, snr, fs, snr_s, use, hole, cover, w2, scale, scale_s, psf,
                          sharp)
 
