@@ -241,3 +241,33 @@ def test_tiny_night_figures(processed_tiny, tiny_night):
     for b in BANDS:
         z = zp["bands"][b]
         assert z["n"] > 0 and (z["rms"] < 0.03 or res["magnitudes"] == "instrumental")
+
+
+@pytest.mark.parametrize("rotation_deg", [0.27, 30.0])
+def test_usable_area_matches_frames_holding(rng, rotation_deg):
+    """The fast usable-area test (k-d tree pairing, linear mapping, exact mapping near the
+    edges) agrees with FrameGeometry.frames_holding on a distorted, rotated array, with
+    positions crowded at the frames' edges."""
+    from gpu2mass.geometry import BandGeometry, FrameGeometry, tan_project
+    from gpu2mass.validate import _usable
+
+    k, q1, q2, r = 0.0027, 0.15, -0.1, 128.0
+    band = BandGeometry(256, 256, 2.0, rotation_deg, np.array([[q1, 0, -q1, k * r, 0, k * r, 0],
+                                                               [0, 2 * q2, 0, 0, k * r, 0, k * r]]))
+    _fn, fra, fdec, _m, _x = _frame_centres()
+    geo = FrameGeometry(band, fra, fdec)
+    # Random positions, and positions on each frame's edge limits (10 px in) ± 1.5 px.
+    ra, dec = tan_deproject(rng.uniform(-400, 400, 3000), rng.uniform(-1400, 1400, 3000), RA0, DEC0)
+    fr = rng.integers(0, NFRAMES, 3000)
+    edge = rng.choice([9.5, 245.5], 3000) + rng.uniform(-1.5, 1.5, 3000)
+    along = rng.uniform(0, 255, 3000)
+    side = rng.random(3000) < 0.5
+    er, ed = geo.pixel_to_sky(fr, np.where(side, edge, along), np.where(side, along, edge))
+    ra, dec = np.concatenate([ra, er]), np.concatenate([dec, ed])
+    cfg = ValidateConfig()
+    src, _f, _x, _y = geo.frames_holding(ra, dec, edge_px=cfg.edge_px)
+    expected = np.bincount(src, minlength=ra.size) >= cfg.min_frames
+    xy = np.column_stack(tan_project(ra, dec, RA0, DEC0))
+    got = _usable(geo, ra, dec, xy, np.column_stack(tan_project(fra, fdec, RA0, DEC0)), cfg)
+    assert 0.2 < expected.mean() < 0.8
+    np.testing.assert_array_equal(got, expected)
