@@ -545,8 +545,20 @@ def _snr_map(conv, xp, spectra, usable, kernel, name, cfg, interior_min):
 
 
 def _local_max(xp, nd, s, usable, threshold):
-    peak = (s == nd.maximum_filter(s, size=3, mode="constant", cval=-np.inf))
-    return peak & usable & (s >= threshold)
+    """Usable pixels at or above ``threshold`` that are the maximum of their 3 × 3
+    neighbourhood (pixels off the image do not count)."""
+    cand = usable & (s >= threshold)
+    if not bool(xp.isfinite(s).all()):  # NaN neighbours: the filter's own rules
+        peak = (s == nd.maximum_filter(s, size=3, mode="constant", cval=-np.inf))
+        return peak & cand
+    # Only the candidates (a few per cent of the image) are compared with their neighbours;
+    # an edge-repeated neighbour is the pixel itself or one already compared.
+    yi, xi = xp.nonzero(cand)
+    top = _gather(xp, s, yi, xi).max(axis=(1, 2))
+    keep = s[yi, xi] >= top
+    peak = xp.zeros(s.shape, bool)
+    peak[yi[keep], xi[keep]] = True
+    return peak
 
 
 # -- host-side logic on candidates ----------------------------------------------------------------
