@@ -302,8 +302,8 @@ def run_psf_photometry(frames, *, mask, noise, geometry: FrameGeometry, psf_alph
     my = maps[:, :, 1, 0, None] + maps[:, :, 1, 1, None] * init[:, None, :, 1] + maps[:, :, 1, 2, None] * init[:, None, :, 2]
     # Squared distance (G, F, s, s) to the nearest member, slot by slot over the groups that
     # have that slot (most groups have one member: no (G, F, K, s, s) array).
-    d2 = np.full((G, F, s, s), np.inf)
-    for k in range(K):
+    d2 = (xx - mx[:, :, 0, None, None]) ** 2 + (yy - my[:, :, 0, None, None]) ** 2  # slot 0
+    for k in range(1, K):
         gk = np.flatnonzero(nsrc > k)
         if gk.size == 0:
             break
@@ -315,9 +315,7 @@ def run_psf_photometry(frames, *, mask, noise, geometry: FrameGeometry, psf_alph
     extra = _other_pieces_light(pieces, split, gid, xi, eta, flux0, centre, maps, frame_of,
                                 alpha, beta, scale, s)
     stamps = stamps - extra
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices of absent frames
-        bg = np.nanmedian(np.where(clear, stamps, np.nan), axis=(2, 3))
+    bg = _stamp_medians(np.where(clear, stamps, np.nan))
     bg = np.where(np.isfinite(bg), bg, 0.0)
     stamps = np.where(np.isfinite(stamps), stamps - bg[..., None, None], 0.0).astype(np.float32)
     has = frame_of >= 0
@@ -368,6 +366,17 @@ def run_psf_photometry(frames, *, mask, noise, geometry: FrameGeometry, psf_alph
     if none.all():
         warnings.warn("no source lies on any frame", PsfPhotWarning, stacklevel=2)
     return out
+
+
+def _stamp_medians(a):
+    """Median of the finite pixels of each stamp of ``a`` (G, F, s, s), NaN for a stamp
+    with none: numpy.nanmedian over the last two axes (the same values), by one sort of
+    all stamps (nanmedian goes stamp by stamp through masked arrays, 15x slower)."""
+    flat = np.sort(a.reshape(*a.shape[:2], -1), axis=-1)  # NaN sort last
+    n = np.isfinite(flat).sum(axis=-1)
+    lo = np.take_along_axis(flat, np.maximum((n - 1) // 2, 0)[..., None], axis=-1)[..., 0]
+    hi = np.take_along_axis(flat, (n // 2)[..., None], axis=-1)[..., 0]
+    return np.where(n > 0, (lo + hi) / 2, np.nan)
 
 
 def _other_pieces_light(pieces, split, gid, xi, eta, flux0, centre, maps, frame_of, alpha, beta,
