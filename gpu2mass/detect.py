@@ -79,6 +79,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import numpy as np
 from astropy.table import Table
@@ -400,7 +401,7 @@ class _Convolver:
     can be taken once (:meth:`transform`) for every kernel it is convolved with."""
 
     #: Kernel spectra by (namespace, FFT shape, kernel bytes); a handful per band.
-    _spectra: dict = {}
+    _spectra: ClassVar[dict] = {}
 
     def __init__(self, xp, shape, half):
         self.xp, self.shape, self.half = xp, shape, half
