@@ -400,7 +400,7 @@ class _Convolver:
     (every Atlas Image of a band has the same size and PSF), and an image's own spectrum
     can be taken once (:meth:`transform`) for every kernel it is convolved with."""
 
-    #: Kernel spectra by (namespace, FFT shape, kernel bytes); a handful per band.
+    #: Kernel spectra by (namespace, FFT shape, kernel bytes): those of the band at hand.
     _spectra: ClassVar[dict] = {}
 
     def __init__(self, xp, shape, half):
@@ -419,8 +419,8 @@ class _Convolver:
         key = (self.xp.__name__, self.fshape, kernel.shape, kernel.tobytes())
         cache = _Convolver._spectra
         if key not in cache:
-            if len(cache) >= 64:  # seeing changes from band to band: keep the newest
-                cache.pop(next(iter(cache)))
+            if len(cache) >= 16:  # 7 per band and image size (~5 MB each): keep the newest
+                cache.pop(next(iter(cache)), None)
             k = np.zeros(self.fshape)
             h = kernel.shape[0] // 2
             # Kernel centred at the origin (wrapped), so the output needs no shift.
