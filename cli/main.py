@@ -127,10 +127,16 @@ def night(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override one setting: step.name=value (repeatable), e.g. "
                       "register.match_radius_arcsec=1.5.")] = None,
-    resume: Annotated[bool, typer.Option(help="Skip scans whose products are complete.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Keep the scans whose products are complete (after an interruption); the "
+             "night-level products are recomputed.")] = False,
+    db: Annotated[Path | None, typer.Option(
+        "--db", help="Working database to load (default OUT/wdb.duckdb).")] = None,
 ) -> None:
-    """Process a raw night: calibrated frames, frame positions, transient masks and Atlas
-    Images for every science and calibration scan (products under --out)."""
+    """Process a raw night: every science and calibration scan (calibrated frames, frame
+    positions, Atlas Images, point sources), then the night's photometric calibration, final
+    astrometry, catalogs, QA and the working database (products under --out). Exit status 1
+    when any scan failed."""
     from gpu2mass.config import load_config
     from gpu2mass.errors import ConfigError, DeviceError, InputError
     from gpu2mass.night import run_night
@@ -138,18 +144,68 @@ def night(
     try:
         cfg = load_config(config, set_ or [])
         with progress_reporter("night") as report:
-            result = run_night(night_dir, out, device=device, config=cfg, resume=resume, progress=report)
+            result = run_night(night_dir, out, device=device, config=cfg, resume=resume, progress=report,
+                               db_path=db)
     except (InputError, ConfigError, DeviceError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     for o in result.scans:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in o.seconds.items())
         why = f": {o.reason}" if o.reason else ""
-        typer.echo(f"scan {o.scan:3d} {o.type:4s} {o.status}{why}" + (f" [{stages}]" if stages else ""))
+        status = f"{o.status} (resumed)" if o.resumed else o.status
+        typer.echo(f"scan {o.scan:3d} {o.type:4s} {status}{why}" + (f" [{stages}]" if stages else ""))
     typer.echo(f"{len(result.scans) - len(result.failed)}/{len(result.scans)} scans ok on {result.device} "
                f"in {result.seconds:.1f} s; products in {result.out_dir}")
     if result.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def query(
+    out: Annotated[Path, typer.Argument(help="A processed night's output directory (or a .duckdb file).")],
+    sql: Annotated[str, typer.Argument(help="The SQL to run on the working database "
+                                            "(tables pts, xsc, scans, atlas, nights).")],
+    format_: Annotated[str, typer.Option("--format", help="table, csv or parquet.")] = "table",
+    output: Annotated[Path | None, typer.Option(help="File to write (required for parquet).")] = None,
+    db: Annotated[Path | None, typer.Option("--db", help="Database file instead of OUT/wdb.duckdb.")] = None,
+) -> None:
+    """Run SQL on a night's working database and print the result."""
+    from gpu2mass.errors import Gpu2MassError
+    from gpu2mass.wdb import run_query
+
+    if format_ not in ("table", "csv", "parquet"):
+        raise typer.BadParameter(f"--format must be table, csv or parquet, not {format_!r}")
+    try:
+        res = run_query(db or out, sql, fmt=format_, output=output)
+    except (Gpu2MassError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {res}" if format_ == "parquet" else str(res).rstrip("\n"))
+
+
+@app.command()
+def validate(
+    out: Annotated[Path, typer.Argument(help="A processed night's output directory.")],
+    truth: Annotated[Path, typer.Option("--truth", help="The simulated night's truth directory (NIGHT/truth).")],
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+) -> None:
+    """Compare a processed simulated night with its truth: completeness, reliability,
+    photometry, astrometry, zero points and artifacts, per band."""
+    import json
+
+    from gpu2mass.errors import Gpu2MassError
+    from gpu2mass.report import write_night_report_from_products
+    from gpu2mass.validate import format_validation, validate_night
+
+    try:
+        result = validate_night(out, truth)
+        if (out / "night").is_dir():
+            # The night's report gains the completeness figures (the pipeline never reads truth).
+            write_night_report_from_products(out, validation=result)
+    except (Gpu2MassError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result, indent=2) if json_ else format_validation(result))
 
 
 def main(argv: list[str] | None = None) -> None:

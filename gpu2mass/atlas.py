@@ -83,6 +83,7 @@ __all__ = [
     "AtlasGrid",
     "AtlasImage",
     "plan_atlas_grids",
+    "point_source_m10",
     "run_atlas",
     "write_atlas",
 ]
@@ -644,6 +645,26 @@ def _header(xp, data, grid, geometry, config, used, *, band, scan, scan_type, sc
     h["KERNEL"] = "bilinear"
     h["NCORFAC"] = float(config.noise_correlation_factor)
     return h
+
+
+def point_source_m10(magzp: float, *, skysig: float, ncorfac: float, seeing_arcsec: float,
+                     pixel_arcsec: float = 1.0, beta: float = 2.5) -> float:
+    """Magnitude of a point source at SNR 10 on an Atlas Image (the ``M10`` keyword).
+
+    The background-limited SNR of PSF-weighted photometry: the noise of the weighted sum is
+    ``SKYSIG × NCORFAC × sqrt(n_eff)`` with ``n_eff = (Σp)² / Σp²`` the PSF's noise-
+    equivalent area on the 1" grid, for a Moffat profile (``beta``, 2MASS-like) of FWHM
+    ``seeing_arcsec``. Sources brighter than M10 add their own photon noise; the sky
+    dominates at SNR 10 in all three bands. Returns NaN without a seeing or noise.
+    """
+    if not (np.isfinite(seeing_arcsec) and seeing_arcsec > 0 and skysig > 0):
+        return float("nan")
+    alpha = seeing_arcsec / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0)) / pixel_arcsec
+    r = np.arange(-40, 41, dtype=float)
+    r2 = r[:, None] ** 2 + r[None, :] ** 2
+    p = (1.0 + r2 / alpha**2) ** (-beta)
+    n_eff = p.sum() ** 2 / np.square(p).sum()
+    return float(magzp - 2.5 * np.log10(10.0 * skysig * ncorfac * np.sqrt(n_eff)))
 
 
 _COMMENTS = {

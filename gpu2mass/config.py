@@ -2,8 +2,8 @@
 
 Built from the defaults (2MASS values), an optional TOML file and ``--set step.name=value``
 overrides, in that order; the effective configuration goes into ``run.json``. Steps are
-named as in the data flow: ``darks``, ``frames``, ``framedet``, ``register``,
-``transients``, ``atlas``. Unknown steps or fields, and values of the wrong type, raise
+named as in the data flow (:data:`STEP_CONFIGS`): per scan ``darks`` … ``artifacts``,
+``catalog``; per night ``photcal``, ``astrometry``, ``psc``, ``qa``. Unknown steps or fields, and values of the wrong type, raise
 :class:`~gpu2mass.errors.ConfigError` naming them.
 """
 

@@ -20,6 +20,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class ScanOutcome:
     reason: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     products: list[str] = field(default_factory=list)
+    resumed: bool = False
 
 
 @dataclass
@@ -64,14 +66,19 @@ class NightResult:
 
 
 class _Timer:
-    def __init__(self, seconds: dict, xp):
-        self.seconds, self.xp = seconds, xp
+    """``with timer("step"):`` adds the step's wall time to ``seconds`` (device work
+    included) and tells ``on_step`` which step starts (progress display)."""
+
+    def __init__(self, seconds: dict, xp, on_step: Callable[[str], None] | None = None):
+        self.seconds, self.xp, self.on_step = seconds, xp, on_step
 
     def __call__(self, stage: str):
         timer = self
 
         class _Ctx:
             def __enter__(self):
+                if timer.on_step is not None:
+                    timer.on_step(stage)
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):
@@ -82,12 +89,40 @@ class _Timer:
         return _Ctx()
 
 
+@contextmanager
+def _band_context(band: str):
+    """Name the band in a step's failure (the steps themselves work on one band's arrays)."""
+    try:
+        yield
+    except StepError as exc:
+        if str(exc).startswith("band "):
+            raise
+        raise StepError(f"band {band}: {exc}") from exc
+
+
+def _check_band_data(band: str, r1: np.ndarray, r2r1: np.ndarray, satmap: np.ndarray) -> None:
+    """Fail a scan whose band holds no data a pipeline can use, saying so in words a person
+    can act on (a dead readout, a saturated array), before the steps fail obscurely.
+
+    ``r1``, ``r2r1``: (nframes, ny, nx) DN; ``satmap``: (ny, nx) DN.
+    """
+    sub1, sub2 = r1[:, ::4, ::4], r2r1[:, ::4, ::4]
+    if float(np.ptp(sub2)) == 0.0 and float(np.ptp(sub1)) == 0.0:
+        raise StepError(f"band {band}: no signal: every R1 and R2-R1 pixel of every frame reads "
+                        f"{float(sub2.flat[0]):g} DN (a dead or missing readout)")
+    # A saturated pixel stops at its full well in read 1 and gains nothing by read 2.
+    saturated = (sub1 >= 0.98 * satmap[::4, ::4]).mean(axis=(1, 2))
+    if float(saturated.min()) >= 0.99:
+        raise StepError(f"band {band}: every frame is saturated (at least 99 % of the pixels of "
+                        f"each frame at the saturation level): nothing can be measured")
+
+
 def _scan_epoch_jyear(night: Night, scan) -> float:
     return float(Time(scan.start_mjd, format="mjd").jyear)
 
 
 def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device, staging: Path,
-                  outcome: ScanOutcome) -> dict:
+                  outcome: ScanOutcome, on_step: Callable[[str], None] | None = None) -> dict:
     """All steps of one scan; returns the columns of its frames table."""
     from gpu2mass.atlas import plan_atlas_grids, run_atlas, write_atlas
     from gpu2mass.framedet import FrameDetWarning, run_frame_detection
@@ -98,7 +133,7 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
     from gpu2mass.transients import run_transients
 
     xp = dev.xp
-    timer = _Timer(outcome.seconds, xp)
+    timer = _Timer(outcome.seconds, xp, on_step)
     inst = night.instrument
     scan = night.load_scan(info.number)
     per_band = {}
@@ -106,65 +141,67 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
                              "offset_eta_arcsec", "rot_deg", "scale_arcsec", "sky_dn", "noise_dn", "airmass",
                              "seeing_arcsec", "zp_mag", "n_det", "n_det_r1")}
     for band in inst.bands:
-        sb = scan[band]
-        with timer("read"):
-            r1 = np.asarray(sb.r1[0 : info.nframes], dtype=np.float32)
-            r2r1 = np.asarray(sb.r2r1[0 : info.nframes], dtype=np.float32)
-        with timer("upload"):
-            r1, r2r1 = xp.asarray(r1), xp.asarray(r2r1)
-            dark = darks[band]
-            dark = replace(dark, r1=xp.asarray(dark.r1), r2r1=xp.asarray(dark.r2r1))
-            # Hot and noisy pixels found in the night's darks join the library's bad pixels.
-            badpix = night.calib_image("badpix", band) | backend.to_host(darks[band].defects).astype(np.uint8)
-            calib = {"flat": xp.asarray(night.calib_image("flat", band)),
-                     "satmap": xp.asarray(night.calib_image("satmap", band)), "badpix": xp.asarray(badpix)}
-        with timer("frames"):
-            cal = run_calibrate_frames(r1, r2r1, dark=dark, flat=calib["flat"], satmap=calib["satmap"],
-                                       badpix=calib["badpix"], config=cfg.frames)
-        with timer("framedet"):
-            det = run_frame_detection(cal.r2r1, mask=cal.mask_r2r1, noise=cal.noise_r2r1, config=cfg.framedet)
-            # R1 (51 ms) frames hold only the bright stars, too few to measure the seeing:
-            # the R2−R1 frames' seeing is used. Frames without any detection are normal there.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FrameDetWarning)
-                det_r1 = run_frame_detection(cal.r1, mask=cal.mask_r1, noise=cal.noise_r1,
-                                             seeing_fwhm=det.meta["seeing_fwhm"], config=cfg.framedet)
-        frames = sb.frames
-        with timer("register"):
-            pad = 0.25
-            dec_lo, dec_hi = float(frames["DEC_CMD"].min()) - pad, float(frames["DEC_CMD"].max()) + pad
-            ra0 = float(np.median(frames["RA_CMD"]))
-            dra = pad / max(np.cos(np.deg2rad(max(abs(dec_lo), abs(dec_hi)))), 0.05)
-            ref = load_reference_stars(night.reference_catalog, epoch_jyear=_scan_epoch_jyear(night, info),
-                                       ra_range=((ra0 - dra) % 360, (ra0 + dra) % 360),
-                                       dec_range=(dec_lo, dec_hi))
-            reg = run_register(det, commanded_ra=frames["RA_CMD"], commanded_dec=frames["DEC_CMD"],
-                               reference=ref, nx=inst.nx, ny=inst.ny, config=cfg.register)
-        with timer("transients"):
-            tr = run_transients(det, geometry=reg.geometry, band=band, nframes=info.nframes,
-                                config=cfg.transients)
-        per_band[band] = (cal, reg, tr, det, det_r1)
-        n = info.nframes
-        table["band"] += [band] * n
-        table["frame"].append(np.arange(n))
-        table["mjd"].append(frames["MJD"])
-        table["ra"].append(reg.geometry.ra)
-        table["dec"].append(reg.geometry.dec)
-        table["ra_cmd"].append(frames["RA_CMD"])
-        table["dec_cmd"].append(frames["DEC_CMD"])
-        table["offset_xi_arcsec"].append(reg.offsets_arcsec[:, 0])
-        table["offset_eta_arcsec"].append(reg.offsets_arcsec[:, 1])
-        table["rot_deg"].append(np.full(n, reg.geometry.band.rotation_deg))
-        table["scale_arcsec"].append(np.full(n, reg.geometry.band.scale_arcsec))
-        table["sky_dn"].append(backend.to_host(cal.sky_r2r1))
-        table["noise_dn"].append(backend.to_host(cal.noise_r2r1))
-        table["airmass"].append(frames["AIRMASS"])
-        # Seeing as 2MASS quoted it: the FWHM of stars as the 2" pixels sample them.
-        table["seeing_arcsec"].append(sampled_fwhm_table(np.asarray(det.meta["seeing_fwhm"]),
-                                                         scale=reg.geometry.band.scale_arcsec))
-        table["zp_mag"].append(np.full(n, cfg.transients.zero_point[band]))  # instrumental
-        table["n_det"].append(np.bincount(np.asarray(det["frame"], np.int64), minlength=n))
-        table["n_det_r1"].append(np.bincount(np.asarray(det_r1["frame"], np.int64), minlength=n))
+        with _band_context(band):
+            sb = scan[band]
+            with timer("read"):
+                r1 = np.asarray(sb.r1[0 : info.nframes], dtype=np.float32)
+                r2r1 = np.asarray(sb.r2r1[0 : info.nframes], dtype=np.float32)
+                _check_band_data(band, r1, r2r1, night.calib_image("satmap", band))
+            with timer("upload"):
+                r1, r2r1 = xp.asarray(r1), xp.asarray(r2r1)
+                dark = darks[band]
+                dark = replace(dark, r1=xp.asarray(dark.r1), r2r1=xp.asarray(dark.r2r1))
+                # Hot and noisy pixels found in the night's darks join the library's bad pixels.
+                badpix = night.calib_image("badpix", band) | backend.to_host(darks[band].defects).astype(np.uint8)
+                calib = {"flat": xp.asarray(night.calib_image("flat", band)),
+                         "satmap": xp.asarray(night.calib_image("satmap", band)), "badpix": xp.asarray(badpix)}
+            with timer("frames"):
+                cal = run_calibrate_frames(r1, r2r1, dark=dark, flat=calib["flat"], satmap=calib["satmap"],
+                                           badpix=calib["badpix"], config=cfg.frames)
+            with timer("framedet"):
+                det = run_frame_detection(cal.r2r1, mask=cal.mask_r2r1, noise=cal.noise_r2r1, config=cfg.framedet)
+                # R1 (51 ms) frames hold only the bright stars, too few to measure the seeing:
+                # the R2−R1 frames' seeing is used. Frames without any detection are normal there.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FrameDetWarning)
+                    det_r1 = run_frame_detection(cal.r1, mask=cal.mask_r1, noise=cal.noise_r1,
+                                                 seeing_fwhm=det.meta["seeing_fwhm"], config=cfg.framedet)
+            frames = sb.frames
+            with timer("register"):
+                pad = 0.25
+                dec_lo, dec_hi = float(frames["DEC_CMD"].min()) - pad, float(frames["DEC_CMD"].max()) + pad
+                ra0 = float(np.median(frames["RA_CMD"]))
+                dra = pad / max(np.cos(np.deg2rad(max(abs(dec_lo), abs(dec_hi)))), 0.05)
+                ref = load_reference_stars(night.reference_catalog, epoch_jyear=_scan_epoch_jyear(night, info),
+                                           ra_range=((ra0 - dra) % 360, (ra0 + dra) % 360),
+                                           dec_range=(dec_lo, dec_hi))
+                reg = run_register(det, commanded_ra=frames["RA_CMD"], commanded_dec=frames["DEC_CMD"],
+                                   reference=ref, nx=inst.nx, ny=inst.ny, config=cfg.register)
+            with timer("transients"):
+                tr = run_transients(det, geometry=reg.geometry, band=band, nframes=info.nframes,
+                                    config=cfg.transients)
+            per_band[band] = (cal, reg, tr, det, det_r1)
+            n = info.nframes
+            table["band"] += [band] * n
+            table["frame"].append(np.arange(n))
+            table["mjd"].append(frames["MJD"])
+            table["ra"].append(reg.geometry.ra)
+            table["dec"].append(reg.geometry.dec)
+            table["ra_cmd"].append(frames["RA_CMD"])
+            table["dec_cmd"].append(frames["DEC_CMD"])
+            table["offset_xi_arcsec"].append(reg.offsets_arcsec[:, 0])
+            table["offset_eta_arcsec"].append(reg.offsets_arcsec[:, 1])
+            table["rot_deg"].append(np.full(n, reg.geometry.band.rotation_deg))
+            table["scale_arcsec"].append(np.full(n, reg.geometry.band.scale_arcsec))
+            table["sky_dn"].append(backend.to_host(cal.sky_r2r1))
+            table["noise_dn"].append(backend.to_host(cal.noise_r2r1))
+            table["airmass"].append(frames["AIRMASS"])
+            # Seeing as 2MASS quoted it: the FWHM of stars as the 2" pixels sample them.
+            table["seeing_arcsec"].append(sampled_fwhm_table(np.asarray(det.meta["seeing_fwhm"]),
+                                                             scale=reg.geometry.band.scale_arcsec))
+            table["zp_mag"].append(np.full(n, cfg.transients.zero_point[band]))  # instrumental
+            table["n_det"].append(np.bincount(np.asarray(det["frame"], np.int64), minlength=n))
+            table["n_det_r1"].append(np.bincount(np.asarray(det_r1["frame"], np.int64), minlength=n))
     images = {b: [] for b in per_band}
     noises = {}
     with timer("atlas"):
@@ -186,10 +223,27 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
                 images[band].append(img)
     mjd_mid = float(np.mean(scan[inst.bands[0]].frames["MJD"]))
     pts = _point_sources(night, info, per_band, images, noises, mjd_mid, cfg, timer)
-    path = products.scan_dir(staging, info.number) / "pts.parquet"
+    # The bands' focal-plane geometry (the frames table has the frame centres, rotation and
+    # scale; the distortion is kept here) for the night-level steps' edge distances.
+    from gpu2mass.io.rawwrite import write_json
+
+    path = _pts_inst_path(staging, info.number).parent / "geometry.json"
+    write_json(path, {b: {"nx": g.band.nx, "ny": g.band.ny, "scale_arcsec": g.band.scale_arcsec,
+                          "rotation_deg": g.band.rotation_deg,
+                          "distortion": np.asarray(g.band.distortion, float).tolist()}
+                      for b, g in ((b, per_band[b][1].geometry) for b in per_band)})
+    outcome.products.append(str(path.relative_to(staging)))
+    # Instrumental, scan-frame positions: the night-level steps (calibration, PosPts, PSC
+    # columns) turn them into scans/<scan>/pts.parquet once every scan is done.
+    path = _pts_inst_path(staging, info.number)
     products.write_table(path, pts)
     outcome.products.append(str(path.relative_to(staging)))
     return {k: (np.concatenate(v) if k != "band" else v) for k, v in table.items()}
+
+
+def _pts_inst_path(root: Path, scan: int) -> Path:
+    """The scan's instrumental point-source rows, a working file of the night phase."""
+    return Path(root) / ".work" / "scans" / f"{scan:03d}" / "pts_inst.parquet"
 
 
 def _own_zone(t, img, overlap_px: float, first: bool, last: bool):
@@ -337,14 +391,231 @@ def _point_sources(night: Night, info, per_band, images, noises, mjd_mid: float,
     return pts
 
 
+def _read_columns(path: Path) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    return {k: np.asarray(v) for k, v in pq.read_table(path).to_pydict().items()}
+
+
+def _read_pts(path: Path):
+    """A pts Parquet file as an astropy Table, nulls masked (no pandas needed)."""
+    import pyarrow.parquet as pq
+    from astropy.table import MaskedColumn, Table
+
+    arrow = pq.read_table(path)
+    t = Table()
+    for name in arrow.column_names:
+        col = arrow.column(name)
+        values = col.to_numpy(zero_copy_only=False)
+        if col.null_count:
+            mask = col.is_null().to_numpy(zero_copy_only=False)
+            if values.dtype == object:  # strings with nulls
+                values = np.where(mask, "", values).astype(str)
+            t[name] = MaskedColumn(values, mask=mask)
+        else:
+            t[name] = values.astype(str) if values.dtype == object else values
+    return t
+
+
+def _read_geometries(out_dir: Path, scan: int, frames: dict) -> dict | None:
+    """Band → :class:`~gpu2mass.geometry.FrameGeometry` of a finished scan (``None`` for a
+    scan finished by a version that did not keep the distortion: the steps that use it then
+    work from the frames table alone)."""
+    import json
+
+    from gpu2mass.geometry import BandGeometry, FrameGeometry
+
+    path = _pts_inst_path(out_dir, scan).parent / "geometry.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    out = {}
+    for band, g in saved.items():
+        sel = frames["band"] == band
+        order = np.argsort(frames["frame"][sel])
+        out[band] = FrameGeometry(
+            BandGeometry(int(g["nx"]), int(g["ny"]), float(g["scale_arcsec"]), float(g["rotation_deg"]),
+                         np.asarray(g["distortion"], float)),
+            ra=frames["ra"][sel][order], dec=frames["dec"][sel][order])
+    return out
+
+
+def _atlas_files(out_dir: Path, scan: int) -> list[Path]:
+    return sorted((Path(out_dir) / "atlas").glob(f"*_{scan:03d}_*.fits"))
+
+
+def _scan_products(out_dir: Path, scan: int) -> list[Path]:
+    """Everything a scan leaves under ``out_dir`` (removed before it is processed again, so
+    a re-run never mixes two runs' files)."""
+    return [*_atlas_files(out_dir, scan), products.scan_dir(out_dir, scan),
+            _pts_inst_path(out_dir, scan).parent]
+
+
+def _remove_stale(out_dir: Path) -> None:
+    """Temporary files of a run that was killed mid-write (atomic writes rename only
+    finished files, so these are never products)."""
+    for tmp in Path(out_dir).rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _update_atlas_header(path: Path, cards: dict) -> None:
+    """Set header cards of an Atlas Image, atomically (the image is rewritten whole)."""
+    from astropy.io import fits
+
+    from gpu2mass.io._atomic import atomic_path
+
+    with fits.open(path) as hdul:
+        hdul = fits.HDUList([h.copy() for h in hdul])
+    for key, (value, comment) in cards.items():
+        hdul[0].header[key] = (value, comment)
+    with atomic_path(path) as tmp:
+        hdul.writeto(tmp, overwrite=True)
+
+
+def _night_steps(out_dir: Path, night: Night, outcomes: list[ScanOutcome], cfg: RunConfig,
+                 seconds: dict, on_step: Callable[[str], None] | None) -> dict:
+    """The night-level steps, on the finished scans' working files: photometric calibration
+    from the calibration scans, final astrometry (PosPts), the catalog rows, the Atlas
+    Images' zero points, QA per scan and the night's report. Everything is recomputed from
+    the scans' working files, so a re-run or a resumed run writes the same products.
+
+    Returns what ``run.json`` records of the night phase.
+    """
+    from gpu2mass.astrometry import solve_night_astrometry
+    from gpu2mass.atlas import point_source_m10
+    from gpu2mass.epochs import source_epochs
+    from gpu2mass.io.rawwrite import write_json
+    from gpu2mass.photcal import (
+        apply_calibration,
+        atlas_magzp,
+        calibration_matches,
+        frame_zero_points,
+        solve_night_calibration,
+    )
+    from gpu2mass.psc import finalize_point_sources, resolve_duplicates
+    from gpu2mass.qa import failed_scan_qa, scan_qa
+    from gpu2mass.refcat import load_reference_stars
+    from gpu2mass.report import write_night_report
+
+    timer = _Timer(seconds, np, on_step)
+    info = {s.number: s for s in night.scans}
+    done = [o.scan for o in outcomes if o.status == "ok"]
+    zp_inst = dict(cfg.transients.zero_point)
+    with timer("night_read"):
+        pts = {s: _read_pts(_pts_inst_path(out_dir, s)) for s in done}
+        frames = {s: _read_columns(products.scan_dir(out_dir, s) / "frames.parquet") for s in done}
+    with timer("photcal"):
+        matches = [calibration_matches(pts[s], frames[s], night.standards, scan=s, field=info[s].field,
+                                       zp_inst=zp_inst, config=cfg.photcal)
+                   for s in done if info[s].type == "cal" and night.standards is not None]
+        calibration = solve_night_calibration(matches, config=cfg.photcal, zp_inst=zp_inst)
+        write_json(Path(out_dir) / "night" / "calibration.json", calibration.to_dict())
+    with timer("pospts"):
+        def reference(ra_range, dec_range, epoch_jyear):
+            return load_reference_stars(night.reference_catalog, epoch_jyear=epoch_jyear,
+                                        ra_range=ra_range, dec_range=dec_range)
+
+        astrometry = solve_night_astrometry(pts, frames, reference, config=cfg.astrometry)
+        write_json(Path(out_dir) / "night" / "astrometry.json", astrometry.to_dict())
+    with timer("catalog"):
+        inst = night.instrument
+        geometries = {s: _read_geometries(out_dir, s, frames[s]) for s in done}
+        rows = {}
+        for s in done:
+            t = apply_calibration(astrometry.apply(s, pts[s]), frames[s], calibration)
+            rows[s] = finalize_point_sources(
+                t, scan=s, night_date=night.night.isoformat(), observatory=night.observatory,
+                frames=frames[s], atlas_images=_atlas_files(out_dir, s), nx=inst.nx, ny=inst.ny,
+                site_lon_deg=night.site.lon_deg, geometries=geometries[s], config=cfg.psc)
+            # The scan steps measure flux per R2−R1 frame; the catalog quotes DN/s.
+            for b in inst.bands:
+                for name in (f"{b.lower()}_flux", f"{b.lower()}_flux_err"):
+                    rows[s][name] = rows[s][name] / inst.r2r1_exptime_s
+        # One apparition per source: the science scans form the catalog; repeated
+        # calibration scans of a field form one of their own.
+        for kind in ("sci", "cal"):
+            group = [s for s in done if info[s].type == kind]
+            rows.update(resolve_duplicates({s: rows[s] for s in group},
+                                           frames={s: frames[s] for s in group}, nx=inst.nx,
+                                           ny=inst.ny, geometries={s: geometries[s] for s in group},
+                                           config=cfg.psc))
+        for s in done:
+            products.write_table(products.scan_dir(out_dir, s) / "pts.parquet", rows[s])
+            # The frames' calibrated zero points (the scan step wrote instrumental ones).
+            zp, zp_err = frame_zero_points(frames[s], calibration)
+            products.write_frames_table(out_dir, s, {**frames[s], "zp_mag": zp, "zp_err": zp_err})
+    with timer("atlas_zp"):
+        from astropy.io import fits
+
+        for s in done:
+            for path in _atlas_files(out_dir, s):
+                h = fits.getheader(path)
+                band = h["FILTER"].upper()
+                mjd, airmass = source_epochs([h["CRVAL1"]], [h["CRVAL2"]], frames[s], band)
+                magzp, magzperr = atlas_magzp(calibration, band, float(mjd[0]), float(airmass[0]),
+                                              zp_inst[band])
+                m10 = point_source_m10(magzp, skysig=h["SKYSIG"], ncorfac=h["NCORFAC"],
+                                       seeing_arcsec=h.get("SEEING", np.nan),
+                                       pixel_arcsec=cfg.atlas.pixel_arcsec)
+                _update_atlas_header(path, {
+                    "MAGZP": (round(float(magzp), 6), "mag of 1 DN (calibrated)" if calibration.bands[band].status
+                              == "calibrated" else "mag of 1 DN (instrumental)"),
+                    "MAGZPERR": (round(float(magzperr), 6), "uncertainty of MAGZP, mag"),
+                    "M10": (round(float(m10), 4), "mag of a point source at SNR 10"),
+                    "ORDATE": (night.night.strftime("%y%m%d"), "UT date of the observation"),
+                    "STRIP_ID": (int(info[s].tile), "tile (strip) number"),
+                    "SEESH": (float(h.get("SEEING", np.nan)), "seeing FWHM, arcsec"),
+                })
+    with timer("qa"):
+        qa = {}
+        for o in outcomes:
+            if o.status != "ok":
+                qa[o.scan] = failed_scan_qa(o.scan, o.type, o.reason or "failed")
+            else:
+                fr = frames[o.scan]
+                cal = None
+                if calibration.status != "instrumental":
+                    cal = {}
+                    for b in night.instrument.bands:
+                        if calibration.bands[b].status == "instrumental":
+                            continue
+                        sel = fr["band"] == b
+                        # Photometricity is graded on the calibration scans' scatter about
+                        # the nightly fit (2MASS's 0.011 mag), not on the standards' own
+                        # noise; with a single calibration scan only the latter exists.
+                        bc = calibration.bands[b]
+                        rms = (bc.scan_residual_rms if bc.n_scans >= 2
+                               else calibration.residual_rms(b))
+                        cal[b] = {"zp_residual_rms": rms,
+                                  "zp_offset": float(np.median(calibration.offset(b, fr["mjd"][sel],
+                                                                                  fr["airmass"][sel]))),
+                                  "zp_offset_err": float(np.median(calibration.offset_err(
+                                      b, fr["mjd"][sel], fr["airmass"][sel])))}
+                qa[o.scan] = scan_qa(o.scan, o.type, frames=frames[o.scan], pts=rows[o.scan],
+                                     atlas_images=_atlas_files(out_dir, o.scan),
+                                     astrometry=astrometry.figures(o.scan), calibration=cal,
+                                     config=cfg.qa)
+            write_json(products.scan_dir(out_dir, o.scan) / "qa.json", qa[o.scan])
+        write_night_report(out_dir, night=night.night.isoformat(), scans_qa=list(qa.values()),
+                           calibration=calibration.to_dict(), frames=frames,
+                           astrometry=astrometry.to_dict())
+    return {"calibration": calibration.status, "qa": {s: q.get("status") for s, q in qa.items()}}
+
+
 def run_night(night_dir: str | Path, out_dir: str | Path, *, device: str = "auto",
               config: RunConfig | None = None, resume: bool = False,
-              progress: Callable[[str, int, int], None] | None = None) -> NightResult:
-    """Process every sky scan of a night into ``out_dir``; see the module docstring.
+              progress: Callable[[str, int, int], None] | None = None,
+              db_path: str | Path | None = None, load_db: bool = True) -> NightResult:
+    """Process a night into ``out_dir``; see the module docstring.
+
+    Per scan (science and calibration), then the night-level steps, then ``run.json`` and the
+    working database (``db_path``, default ``out_dir/wdb.duckdb``; ``load_db`` False skips it).
+    ``resume`` keeps the scans whose products are complete from an earlier run (its
+    ``run.json`` timings are carried over) and recomputes the night-level products.
 
     Raises :class:`~gpu2mass.errors.InputError` for an invalid night (before any
     processing) and :class:`~gpu2mass.errors.DeviceError` for an unusable ``--device gpu``.
-    Scan failures do not raise: they are in the result and in ``run.json``.
+    Scan failures do not raise: they are in the result, in ``run.json`` and in the scan's QA.
     """
     from gpu2mass.darks import run_darks
 
@@ -354,29 +625,59 @@ def run_night(night_dir: str | Path, out_dir: str | Path, *, device: str = "auto
     night = open_night(night_dir, check_data=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out_dir)
     staging_root = out_dir / ".staging"
+    shutil.rmtree(staging_root, ignore_errors=True)
     sky_scans = [s for s in night.scans if s.type in ("sci", "cal")]
     dark_scans = [s for s in night.scans if s.type == "dark"]
     if not dark_scans:
         raise InputError(night.manifest_path, "the night has no dark scans and no dark library was given")
-    t0 = time.perf_counter()
-    darks = run_darks((night.load_scan(s.number) for s in dark_scans), config=cfg.darks)
-    dark_seconds = time.perf_counter() - t0
+    previous = {}
+    if resume and (out_dir / "run.json").exists():
+        import json
 
+        try:
+            previous = {s["scan"]: s for s in json.loads((out_dir / "run.json").read_text())["scans"]}
+        except (ValueError, KeyError, TypeError):
+            previous = {}
+    total = len(sky_scans) + 1  # the scans, then the night-level steps
+
+    def report(label: str, done: int) -> None:
+        if progress:
+            progress(label, done, total)
+
+    def finished(number: int) -> bool:
+        return (resume and (products.scan_dir(out_dir, number) / "frames.parquet").exists()
+                and _pts_inst_path(out_dir, number).exists())
+
+    darks, dark_seconds = None, 0.0
     outcomes: list[ScanOutcome] = []
     for i, info in enumerate(sky_scans):
         outcome = ScanOutcome(info.number, info.type)
-        marker = products.scan_dir(out_dir, info.number) / "frames.parquet"
-        if resume and marker.exists():
-            outcome.status = "skipped"
+        if finished(info.number):
+            old = previous.get(info.number, {})
+            outcome.seconds = dict(old.get("seconds", {}))
+            outcome.products = list(old.get("products", []))
+            outcome.resumed = True
             outcomes.append(outcome)
-            if progress:
-                progress(f"scan {info.number} already done", i + 1, len(sky_scans))
+            report(f"scan {info.number} ({info.type}) already done", i + 1)
             continue
+        if darks is None:  # only when a scan needs processing
+            report("darks", i)
+            t0 = time.perf_counter()
+            darks = run_darks((night.load_scan(s.number) for s in dark_scans), config=cfg.darks)
+            dark_seconds = time.perf_counter() - t0
+        for path in _scan_products(out_dir, info.number):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         staging = staging_root / f"{info.number:03d}"
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            table = _process_scan(night, info, darks, cfg, dev, staging, outcome)
+            table = _process_scan(night, info, darks, cfg, dev, staging, outcome,
+                                  on_step=lambda step, i=i, info=info: report(
+                                      f"scan {info.number} ({info.type}): {step}", i))
             # Move the scan's products into place, the completion marker last.
             for rel in outcome.products:
                 dst = out_dir / rel
@@ -391,11 +692,19 @@ def run_night(night_dir: str | Path, out_dir: str | Path, *, device: str = "auto
             log.error("scan %d failed:\n%s", info.number, traceback.format_exc())
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if outcome.status == "failed":  # nothing of a failed scan stays on disk
+            for path in _scan_products(out_dir, info.number):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
         outcomes.append(outcome)
-        if progress:
-            progress(f"scan {info.number} ({info.type}) {outcome.status}", i + 1, len(sky_scans))
+        report(f"scan {info.number} ({info.type}) {outcome.status}", i + 1)
     shutil.rmtree(staging_root, ignore_errors=True)
 
+    night_seconds: dict[str, float] = {}
+    night_summary = _night_steps(out_dir, night, outcomes, cfg, night_seconds,
+                                 on_step=lambda step: report(f"night: {step}", len(sky_scans)))
     peak_host_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_dev_mb = None
     if dev.is_gpu:
@@ -403,10 +712,20 @@ def run_night(night_dir: str | Path, out_dir: str | Path, *, device: str = "auto
     result = NightResult(out_dir, outcomes, dev.name, time.perf_counter() - t_start)
     products.write_run_json(out_dir, {
         "gpu2mass": products.versions(), "device": dev.name, "night": str(night.root),
+        "night_date": night.night.isoformat(), "observatory": night.observatory,
         "manifest_sha256": night.manifest_sha256, "config": cfg.to_dict(),
-        "seconds": {"total": result.seconds, "darks": dark_seconds},
+        "calibration": night_summary["calibration"],
+        "seconds": {"total": result.seconds, "darks": dark_seconds, "night": night_seconds},
         "peak_host_memory_mb": peak_host_mb, "peak_device_memory_mb": peak_dev_mb,
+        "exit_status": 1 if result.failed else 0,
         "scans": [{"scan": o.scan, "type": o.type, "status": o.status, "reason": o.reason,
+                   "resumed": o.resumed, "qa_status": night_summary["qa"].get(o.scan),
                    "seconds": o.seconds, "products": o.products} for o in outcomes],
     })
+    if load_db:
+        from gpu2mass.wdb import load_night
+
+        report("loading the working database", len(sky_scans))
+        load_night(out_dir, db_path)
+    report("done", total)
     return result

@@ -47,6 +47,12 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _legend(ax, **kw) -> None:
+    """A legend when the axes have labelled artists (a night may lack a kind of data)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+
+
 def _figure(nrows: int, ncols: int, size: tuple[float, float], **kw):
     from matplotlib.figure import Figure
 
@@ -145,7 +151,7 @@ def _zero_point_figure(calibration: Mapping | None):
             ru = np.abs(res[used & np.isfinite(res)])
             lim = max(0.1, 1.3 * float(ru.max())) if ru.size else 0.5
             bottom.set_ylim(-lim, lim)
-            bottom.legend(fontsize=7)
+            _legend(bottom, fontsize=7)
             drew = True
         span = np.concatenate([t[np.isfinite(t)], st[np.isfinite(st)]])
         if span.size and cal.get("status") == "calibrated":
@@ -167,7 +173,7 @@ def _zero_point_figure(calibration: Mapping | None):
         bottom.axhline(0.0, color="k", lw=0.6)
         bottom.set_ylabel("residual (mag)")
         bottom.set_xlabel("UT (h)")
-        top.legend(fontsize=7)
+        _legend(top, fontsize=7)
     if not drew:
         return title, None, "The calibration has no calibration-scan or standard rows to draw."
     return title, _png(fig)
@@ -236,7 +242,7 @@ def _scan_figure(scans_qa: Sequence[Mapping]):
     ax[0, 0].set_ylabel("m10 (mag at SNR 10)")
     ax[0, 0].set_title("m10 (dashed: 10σ Level-1 limits)")
     ax[0, 0].invert_yaxis()
-    ax[0, 0].legend(fontsize=7)
+    _legend(ax[0, 0], fontsize=7)
     ax[0, 1].set_ylabel("rms vs reference (\")")
     ax[0, 1].set_title("astrometric rms")
     ax[0, 2].set_ylabel("mean offset (mas)")
@@ -245,8 +251,8 @@ def _scan_figure(scans_qa: Sequence[Mapping]):
     for a in ax[0]:
         a.set_xlabel("scan")
     if drew_ast:
-        ax[0, 1].legend(fontsize=7)
-        ax[0, 2].legend(fontsize=6, ncol=3)
+        _legend(ax[0, 1], fontsize=7)
+        _legend(ax[0, 2], fontsize=6, ncol=3)
     else:
         for a in ax[0, 1:]:
             a.text(0.5, 0.5, "no astrometric solution", ha="center", va="center", transform=a.transAxes)
@@ -281,7 +287,7 @@ def _completeness_figure(validation: Mapping | None):
     a.set_xlabel("true magnitude")
     a.set_ylabel("completeness")
     a.set_title("dotted: each band's truth m10; dashed: 99 %")
-    a.legend(fontsize=8)
+    _legend(a, fontsize=8)
     return title, _png(fig)
 
 

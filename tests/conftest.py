@@ -24,3 +24,17 @@ def tiny_night(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "night"
     simulate_night(out, SimulationRequest(preset="tiny", seed=7, inject_k=TINY_INJECT_K))
     return out
+
+
+@pytest.fixture(scope="session")
+def processed_tiny(tiny_night, tmp_path_factory):
+    """``gpu2mass night`` on :func:`tiny_night` (CPU), every product of a night: Atlas
+    Images, pts/frames/qa per scan, calibration.json, qa.html, wdb.duckdb, run.json.
+    Read-only: tests that change products copy it first."""
+    from gpu2mass.cli.main import app
+    from typer.testing import CliRunner
+
+    out = tmp_path_factory.mktemp("processed_tiny") / "out"
+    res = CliRunner().invoke(app, ["night", str(tiny_night), "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    return out

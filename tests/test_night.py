@@ -16,10 +16,11 @@ from gpu2mass.errors import StepError
 
 
 @pytest.fixture(scope="module")
-def processed(tiny_night, tmp_path_factory):
+def processed(processed_tiny, tmp_path_factory):
+    import shutil
+
     out = tmp_path_factory.mktemp("night") / "out"
-    res = CliRunner().invoke(app, ["night", str(tiny_night), "--out", str(out), "--device", "cpu"])
-    assert res.exit_code == 0, res.output
+    shutil.copytree(processed_tiny, out)  # the resume test writes into it
     return out
 
 
@@ -60,12 +61,17 @@ def test_products_and_provenance(processed, tiny_night):
     assert all(v is None or np.isfinite(v) for v in pts["k_m"])  # nulls, never sentinels
 
 
-def test_resume_skips_finished_scans(processed, tiny_night):
-    before = (processed / "atlas" / "j_002_001.fits").stat().st_mtime_ns
+def test_resume_keeps_finished_scans(processed, tiny_night):
+    before = (processed / ".work" / "scans" / "002" / "pts_inst.parquet").stat().st_mtime_ns
+    pts = (processed / "scans" / "003" / "pts.parquet").read_bytes()
     res = CliRunner().invoke(app, ["night", str(tiny_night), "--out", str(processed), "--device", "cpu", "--resume"])
     assert res.exit_code == 0, res.output
-    assert "skipped" in res.output
-    assert (processed / "atlas" / "j_002_001.fits").stat().st_mtime_ns == before
+    assert res.output.count("ok (resumed)") == 2
+    # The scans are not processed again; the night-level products are recomputed, equal.
+    assert (processed / ".work" / "scans" / "002" / "pts_inst.parquet").stat().st_mtime_ns == before
+    assert (processed / "scans" / "003" / "pts.parquet").read_bytes() == pts
+    run = json.loads((processed / "run.json").read_text())
+    assert all(s["resumed"] and s["seconds"] for s in run["scans"])
 
 
 def test_a_failing_scan_does_not_take_the_night_down(tiny_night, tmp_path, monkeypatch):
@@ -97,7 +103,10 @@ def test_a_failing_scan_does_not_take_the_night_down(tiny_night, tmp_path, monke
     assert [s["status"] for s in run["scans"]] == ["ok", "failed"]
     names = [p.name for p in (out / "atlas").iterdir()]
     assert names and all("_002_" in n for n in names)  # nothing at all from the failed scan
-    assert not (out / "scans" / "003").exists()
+    # The failed scan leaves only its QA record, which says why.
+    assert [p.name for p in (out / "scans" / "003").iterdir()] == ["qa.json"]
+    qa = json.loads((out / "scans" / "003" / "qa.json").read_text())
+    assert qa["status"] == "failed" and "simulated failure" in qa["reasons"][0]
 
 
 def test_bad_night_and_bad_device(tmp_path, tiny_night):
