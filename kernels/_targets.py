@@ -37,10 +37,17 @@ pixels) in a :class:`Kernel` that is re-bound and compiled the same way on its f
 from __future__ import annotations
 
 import importlib
+import os
 import threading
 import types
 from collections.abc import Callable
 from typing import Any, Literal
+
+#: ``GPU2MASS_JIT_CACHE=1`` caches compiled CPU code on disk (in ``NUMBA_CACHE_DIR``), so
+#: that short-lived processes (the kill-and-resume test, batch jobs) skip recompiling. Off
+#: by default: Numba's cache keys on the driver's own source file only, so after an edit to
+#: a scalar function a cached driver would be stale.
+_JIT_CACHE = os.environ.get("GPU2MASS_JIT_CACHE", "") == "1"
 
 __all__ = [
     "CALL_TARGETS",
@@ -117,7 +124,7 @@ def _compile_scalar_for(fn: types.FunctionType, target: Target) -> Any:
         # fastmath={"contract"} only: fused multiply-adds (as NVVM does by default on CUDA)
         # make polynomials ~1.7x faster and no less accurate; no reassociation, so code
         # whose rounding order matters (Cody-Waite reduction, compensated sums) stays exact.
-        return numba.njit(error_model="numpy", fastmath={"contract"})(fn)
+        return numba.njit(error_model="numpy", fastmath={"contract"}, cache=_JIT_CACHE)(fn)
     from numba import cuda
 
     return cuda.jit(device=True)(fn)
@@ -243,7 +250,7 @@ class Kernel:
                 if self.target == "cpu":
                     import numba
 
-                    self._compiled = numba.njit(**self.options)(fn)
+                    self._compiled = numba.njit(**self.options, cache=_JIT_CACHE)(fn)
                 else:
                     from numba import cuda
 
