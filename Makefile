@@ -18,11 +18,14 @@ venv: $(PY)
 install: $(PY)
 	$(PY) -m pip install -q -e '.[test]'
 
-# Simulate a small night, validate it, and process it into Atlas Images.
+# Simulate a small night (2 calibration observations, 2 science scans), process it end to
+# end, and print how the products compare with the simulation's truth.
 demo: install
 	$(VENV)/bin/gpu2mass simulate $(DEMO_NIGHT) --preset ci --seed 1 --overwrite
-	$(VENV)/bin/gpu2mass inspect $(DEMO_NIGHT)
 	$(VENV)/bin/gpu2mass night $(DEMO_NIGHT) --out $(DEMO_OUT)
+	$(VENV)/bin/gpu2mass validate $(DEMO_OUT) --truth $(DEMO_NIGHT)/truth
+	@echo "products in $(DEMO_OUT): night/qa.html, scans/*/pts.parquet, atlas/; try:"
+	@echo "  $(VENV)/bin/gpu2mass query $(DEMO_OUT) \"select scan, score, status from scans\""
 
 # The whole suite: the CPU lane, then the CUDA-simulator lane in its own process
 # (NUMBA_ENABLE_CUDASIM must be set before Numba is imported). Each lane fails
