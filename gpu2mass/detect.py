@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import warnings
 from dataclasses import dataclass, fields
 from typing import ClassVar
@@ -402,6 +403,7 @@ class _Convolver:
 
     #: Kernel spectra by (namespace, FFT shape, kernel bytes): those of the band at hand.
     _spectra: ClassVar[dict] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, xp, shape, half):
         self.xp, self.shape, self.half = xp, shape, half
@@ -418,16 +420,20 @@ class _Convolver:
         kernel = np.asarray(kernel, np.float64)
         key = (self.xp.__name__, self.fshape, kernel.shape, kernel.tobytes())
         cache = _Convolver._spectra
-        if key not in cache:
-            if len(cache) >= 16:  # 7 per band and image size (~5 MB each): keep the newest
-                cache.pop(next(iter(cache)), None)
+        with _Convolver._lock:  # images of a scan are detected on several threads
+            spec = cache.get(key)
+        if spec is None:
             k = np.zeros(self.fshape)
             h = kernel.shape[0] // 2
             # Kernel centred at the origin (wrapped), so the output needs no shift.
             for dy in range(-h, h + 1):
                 k[dy % self.fshape[0], np.arange(-h, h + 1) % self.fshape[1]] = kernel[dy + h]
-            cache[key] = self.fft.rfft2(self.xp.asarray(k))
-        return cache[key]
+            spec = self.fft.rfft2(self.xp.asarray(k))
+            with _Convolver._lock:
+                if len(cache) >= 16:  # 7 per band and image size (~5 MB each): keep the newest
+                    cache.pop(next(iter(cache)), None)
+                cache[key] = spec
+        return spec
 
     def transform(self, image):
         """The zero-padded spectrum of an (ny, nx) image, for :meth:`__call__`."""

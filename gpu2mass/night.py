@@ -1,13 +1,19 @@
 """``gpu2mass night``: process a raw night (orchestration only: no science here).
 
-For every sky scan (science and calibration), band by band: frame calibration, single-
-frame detection, frame position reconstruction, transient masks; then the scan's Atlas
-Image grids and, per band and grid, the Atlas Images. Darks are built once per night from
-its dark scans. A scan that fails is recorded with its reason and the others go on; its
-products are staged under ``.staging/`` and moved into place only when the whole scan
-succeeded (``scans/<scan>/frames.parquet`` last, as the completion marker), so an
-interrupted or failed scan never leaves partial products. ``resume`` skips scans whose
-marker exists.
+Per sky scan (science and calibration), band by band: frame calibration, single-frame
+detection, frame position reconstruction, transient masks; the scan's Atlas Images; then
+the point sources (Atlas detection, PSF model and photometry, aperture and R1 photometry,
+band merging, artifact flags) into the scan's instrumental rows. Darks are built once per
+night from its dark scans. A scan that fails is recorded with its reason and the others go
+on; its products are staged under ``.staging/`` and moved into place only when the whole
+scan succeeded (``scans/<scan>/frames.parquet`` last, as the completion marker), so an
+interrupted or failed scan never leaves partial products.
+
+Then the night-level steps (:func:`_night_steps`): photometric calibration, final
+astrometry, the catalog rows, the Atlas zero points, QA and the report; then ``run.json``
+and the working database. ``resume`` keeps the scans whose marker exists and recomputes
+the night-level products from the scans' working files, so it writes what an
+uninterrupted run writes.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,14 +62,23 @@ class ScanOutcome:
 
 @dataclass
 class NightResult:
+    """The night's outcome: per scan, and the night-level steps' and the database load's
+    errors (``None`` when they succeeded)."""
+
     out_dir: Path
     scans: list[ScanOutcome]
     device: str
     seconds: float
+    night_error: str | None = None
+    database_error: str | None = None
 
     @property
     def failed(self) -> list[ScanOutcome]:
         return [s for s in self.scans if s.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and self.night_error is None and self.database_error is None
 
 
 class _Timer:
@@ -292,12 +308,16 @@ def _point_sources(night: Night, info, per_band, images, noises, mjd_mid: float,
         geo = reg.geometry
         zp = cfg.transients.zero_point[band]  # instrumental until the night's calibration
         with timer("detect"):
-            found = []
             imgs = images[band]
-            for k, img in enumerate(imgs):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DetectWarning)  # an empty image is fine
-                    t = run_detect(img, config=cfg.detect)
+            # The images are independent and detection is FFTs and array operations that
+            # release the GIL: on the CPU, one thread per core (the GPU queues them anyway).
+            workers = 1 if xp.__name__ == "cupy" else max(1, min(len(imgs), os.cpu_count() or 1, 4))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DetectWarning)  # an empty image is fine
+                with ThreadPoolExecutor(workers) as pool:
+                    tables = list(pool.map(lambda img: run_detect(img, config=cfg.detect), imgs))
+            found = []
+            for k, (img, t) in enumerate(zip(imgs, tables, strict=True)):
                 t.meta.clear()  # per-image noise scales: not merged across images
                 found.append(_own_zone(t, img, cfg.atlas.overlap_arcsec / cfg.atlas.pixel_arcsec,
                                        k == 0, k == len(imgs) - 1))
@@ -349,9 +369,11 @@ def _point_sources(night: Night, info, per_band, images, noises, mjd_mid: float,
                              config=cfg.catalog)
         xs, ys = tan_project(np.asarray(bp["ra"]), np.asarray(bp["dec"]), ra0, dec0)
         bp["x_scan"], bp["y_scan"] = xs, ys
-        # Position errors: the fit's, with a floor for the registration (~0.01").
-        bp["sig_x"] = np.hypot(np.nan_to_num(np.asarray(bp["ra_err"]), nan=1.0), 0.01)
-        bp["sig_y"] = np.hypot(np.nan_to_num(np.asarray(bp["dec_err"]), nan=1.0), 0.01)
+        # Position errors: the fit's, with a floor for the registration: frame centres are
+        # good to ~0.01" per coordinate and a source averages ~6 frames, so 0.005" (0.01"
+        # made the brightest stars' quoted errors twice their scatter).
+        bp["sig_x"] = np.hypot(np.nan_to_num(np.asarray(bp["ra_err"]), nan=1.0), 0.005)
+        bp["sig_y"] = np.hypot(np.nan_to_num(np.asarray(bp["dec_err"]), nan=1.0), 0.005)
         bp["sig_xy"] = np.zeros(len(bp))
         # Band merging weights positions by SNR: the measurement's, or the Atlas detection's
         # where there is no measurement (rd_flg 9).
@@ -703,29 +725,46 @@ def run_night(night_dir: str | Path, out_dir: str | Path, *, device: str = "auto
     shutil.rmtree(staging_root, ignore_errors=True)
 
     night_seconds: dict[str, float] = {}
-    night_summary = _night_steps(out_dir, night, outcomes, cfg, night_seconds,
-                                 on_step=lambda step: report(f"night: {step}", len(sky_scans)))
+    night_error = None
+    try:
+        night_summary = _night_steps(out_dir, night, outcomes, cfg, night_seconds,
+                                     on_step=lambda step: report(f"night: {step}", len(sky_scans)))
+    except Exception as exc:  # noqa: BLE001 - the scans' products stand; say what failed
+        night_error = f"{type(exc).__name__}: {exc}"
+        log.error("the night-level steps failed:\n%s", traceback.format_exc())
+        night_summary = {"calibration": None, "qa": {}}
     peak_host_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_dev_mb = None
     if dev.is_gpu:
         peak_dev_mb = dev.xp.get_default_memory_pool().total_bytes() / 2**20
-    result = NightResult(out_dir, outcomes, dev.name, time.perf_counter() - t_start)
-    products.write_run_json(out_dir, {
-        "gpu2mass": products.versions(), "device": dev.name, "night": str(night.root),
-        "night_date": night.night.isoformat(), "observatory": night.observatory,
-        "manifest_sha256": night.manifest_sha256, "config": cfg.to_dict(),
-        "calibration": night_summary["calibration"],
-        "seconds": {"total": result.seconds, "darks": dark_seconds, "night": night_seconds},
-        "peak_host_memory_mb": peak_host_mb, "peak_device_memory_mb": peak_dev_mb,
-        "exit_status": 1 if result.failed else 0,
-        "scans": [{"scan": o.scan, "type": o.type, "status": o.status, "reason": o.reason,
-                   "resumed": o.resumed, "qa_status": night_summary["qa"].get(o.scan),
-                   "seconds": o.seconds, "products": o.products} for o in outcomes],
-    })
-    if load_db:
+    result = NightResult(out_dir, outcomes, dev.name, time.perf_counter() - t_start,
+                         night_error=night_error)
+
+    def write_run_json() -> None:
+        products.write_run_json(out_dir, {
+            "gpu2mass": products.versions(), "device": dev.name, "night": str(night.root),
+            "night_date": night.night.isoformat(), "observatory": night.observatory,
+            "manifest_sha256": night.manifest_sha256, "config": cfg.to_dict(),
+            "calibration": night_summary["calibration"], "night_error": result.night_error,
+            "database_error": result.database_error,
+            "seconds": {"total": result.seconds, "darks": dark_seconds, "night": night_seconds},
+            "peak_host_memory_mb": peak_host_mb, "peak_device_memory_mb": peak_dev_mb,
+            "exit_status": 0 if result.ok else 1,
+            "scans": [{"scan": o.scan, "type": o.type, "status": o.status, "reason": o.reason,
+                       "resumed": o.resumed, "qa_status": night_summary["qa"].get(o.scan),
+                       "seconds": o.seconds, "products": o.products} for o in outcomes],
+        })
+
+    write_run_json()
+    if load_db and night_error is None:
         from gpu2mass.wdb import load_night
 
         report("loading the working database", len(sky_scans))
-        load_night(out_dir, db_path)
+        try:
+            load_night(out_dir, db_path)
+        except Gpu2MassError as exc:  # e.g. the database is held by another process
+            result.database_error = str(exc)
+            log.error("the working database was not loaded: %s", exc)
+            write_run_json()
     report("done", total)
     return result
