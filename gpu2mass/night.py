@@ -566,58 +566,68 @@ def _night_steps(out_dir: Path, night: Night, outcomes: list[ScanOutcome], cfg: 
             # The frames' calibrated zero points (the scan step wrote instrumental ones).
             zp, zp_err = frame_zero_points(frames[s], calibration)
             products.write_frames_table(out_dir, s, {**frames[s], "zp_mag": zp, "zp_err": zp_err})
+    # The Atlas and QA steps read and write one file or scan at a time, independently: a
+    # thread per core keeps both cores busy (FITS I/O and NumPy release the GIL).
+    workers = max(1, min(os.cpu_count() or 1, 4))
     with timer("atlas_zp"):
         from astropy.io import fits
 
-        for s in done:
-            for path in _atlas_files(out_dir, s):
-                h = fits.getheader(path)
-                band = h["FILTER"].upper()
-                mjd, airmass = source_epochs([h["CRVAL1"]], [h["CRVAL2"]], frames[s], band)
-                magzp, magzperr = atlas_magzp(calibration, band, float(mjd[0]), float(airmass[0]),
-                                              zp_inst[band])
-                m10 = point_source_m10(magzp, skysig=h["SKYSIG"], ncorfac=h["NCORFAC"],
-                                       seeing_arcsec=h.get("SEEING", np.nan),
-                                       pixel_arcsec=cfg.atlas.pixel_arcsec)
-                _update_atlas_header(path, {
-                    "MAGZP": (round(float(magzp), 6), "mag of 1 DN (calibrated)" if calibration.bands[band].status
-                              == "calibrated" else "mag of 1 DN (instrumental)"),
-                    "MAGZPERR": (round(float(magzperr), 6), "uncertainty of MAGZP, mag"),
-                    "M10": (round(float(m10), 4), "mag of a point source at SNR 10"),
-                    "ORDATE": (night.night.strftime("%y%m%d"), "UT date of the observation"),
-                    "STRIP_ID": (int(info[s].tile), "tile (strip) number"),
-                    "SEESH": (float(h.get("SEEING", np.nan)), "seeing FWHM, arcsec"),
-                })
+        def calibrate_atlas(scan: int, path: Path) -> None:
+            h = fits.getheader(path)
+            band = h["FILTER"].upper()
+            mjd, airmass = source_epochs([h["CRVAL1"]], [h["CRVAL2"]], frames[scan], band)
+            magzp, magzperr = atlas_magzp(calibration, band, float(mjd[0]), float(airmass[0]),
+                                          zp_inst[band])
+            m10 = point_source_m10(magzp, skysig=h["SKYSIG"], ncorfac=h["NCORFAC"],
+                                   seeing_arcsec=h.get("SEEING", np.nan),
+                                   pixel_arcsec=cfg.atlas.pixel_arcsec)
+            calibrated = calibration.bands[band].status == "calibrated"
+            _update_atlas_header(path, {
+                "MAGZP": (round(float(magzp), 6),
+                          f"mag of 1 DN ({'calibrated' if calibrated else 'instrumental'})"),
+                "MAGZPERR": (round(float(magzperr), 6), "uncertainty of MAGZP, mag"),
+                "M10": (round(float(m10), 4), "mag of a point source at SNR 10"),
+                "ORDATE": (night.night.strftime("%y%m%d"), "UT date of the observation"),
+                "STRIP_ID": (int(info[scan].tile), "tile (strip) number"),
+                "SEESH": (float(h.get("SEEING", np.nan)), "seeing FWHM, arcsec"),
+            })
+
+        jobs = [(s, path) for s in done for path in _atlas_files(out_dir, s)]
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda job: calibrate_atlas(*job), jobs))
     with timer("qa"):
-        qa = {}
-        for o in outcomes:
+        def calibration_figures(o) -> dict | None:
+            if calibration.status == "instrumental":
+                return None
+            fr, cal = frames[o.scan], {}
+            for b in night.instrument.bands:
+                bc = calibration.bands[b]
+                if bc.status == "instrumental":
+                    continue
+                sel = fr["band"] == b
+                # Photometricity is graded on the calibration scans' scatter about the
+                # nightly fit (2MASS's 0.011 mag), not on the standards' own noise; with a
+                # single calibration scan only the latter exists.
+                rms = bc.scan_residual_rms if bc.n_scans >= 2 else calibration.residual_rms(b)
+                cal[b] = {"zp_residual_rms": rms,
+                          "zp_offset": float(np.median(calibration.offset(b, fr["mjd"][sel],
+                                                                          fr["airmass"][sel]))),
+                          "zp_offset_err": float(np.median(calibration.offset_err(
+                              b, fr["mjd"][sel], fr["airmass"][sel])))}
+            return cal
+
+        def one_scan_qa(o) -> dict:
             if o.status != "ok":
-                qa[o.scan] = failed_scan_qa(o.scan, o.type, o.reason or "failed")
-            else:
-                fr = frames[o.scan]
-                cal = None
-                if calibration.status != "instrumental":
-                    cal = {}
-                    for b in night.instrument.bands:
-                        if calibration.bands[b].status == "instrumental":
-                            continue
-                        sel = fr["band"] == b
-                        # Photometricity is graded on the calibration scans' scatter about
-                        # the nightly fit (2MASS's 0.011 mag), not on the standards' own
-                        # noise; with a single calibration scan only the latter exists.
-                        bc = calibration.bands[b]
-                        rms = (bc.scan_residual_rms if bc.n_scans >= 2
-                               else calibration.residual_rms(b))
-                        cal[b] = {"zp_residual_rms": rms,
-                                  "zp_offset": float(np.median(calibration.offset(b, fr["mjd"][sel],
-                                                                                  fr["airmass"][sel]))),
-                                  "zp_offset_err": float(np.median(calibration.offset_err(
-                                      b, fr["mjd"][sel], fr["airmass"][sel])))}
-                qa[o.scan] = scan_qa(o.scan, o.type, frames=frames[o.scan], pts=rows[o.scan],
-                                     atlas_images=_atlas_files(out_dir, o.scan),
-                                     astrometry=astrometry.figures(o.scan), calibration=cal,
-                                     config=cfg.qa)
-            write_json(products.scan_dir(out_dir, o.scan) / "qa.json", qa[o.scan])
+                return failed_scan_qa(o.scan, o.type, o.reason or "failed")
+            return scan_qa(o.scan, o.type, frames=frames[o.scan], pts=rows[o.scan],
+                           atlas_images=_atlas_files(out_dir, o.scan),
+                           astrometry=astrometry.figures(o.scan),
+                           calibration=calibration_figures(o), config=cfg.qa)
+
+        with ThreadPoolExecutor(workers) as pool:
+            qa = dict(zip([o.scan for o in outcomes], pool.map(one_scan_qa, outcomes), strict=True))
+        for scan, figures in qa.items():
+            write_json(products.scan_dir(out_dir, scan) / "qa.json", figures)
         write_night_report(out_dir, night=night.night.isoformat(), scans_qa=list(qa.values()),
                            calibration=calibration.to_dict(), frames=frames,
                            astrometry=astrometry.to_dict())

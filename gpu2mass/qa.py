@@ -280,13 +280,16 @@ def _block_median(a: np.ndarray, b: int) -> np.ndarray:
     py, px = -ny % b, -nx % b
     padded = np.pad(a, ((0, py), (0, px)), constant_values=np.nan)
     blocks = padded.reshape(padded.shape[0] // b, b, padded.shape[1] // b, b).transpose(0, 2, 1, 3)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks
-        med = np.nanmedian(blocks.reshape(blocks.shape[0], blocks.shape[1], -1), axis=2)
-        fill = np.nanmedian(a)
-    med = np.where(np.isfinite(med), med, fill)
+    flat = blocks.reshape(blocks.shape[0], blocks.shape[1], -1)
+    # All-NaN blocks are filled with the image's median; they are kept away from nanmedian
+    # (whose warning would need a catch_warnings, which is not thread-safe: scans' QA runs
+    # on several threads).
+    empty = ~np.isfinite(flat).any(axis=2)
+    flat = np.where(empty[..., None], 0.0, flat)
+    med = np.nanmedian(flat, axis=2)
+    finite = a[np.isfinite(a)]
+    fill = float(np.median(finite)) if finite.size else np.nan
+    med = np.where(empty | ~np.isfinite(med), fill, med)
     return np.repeat(np.repeat(med, b, axis=0), b, axis=1)[:ny, :nx]
 
 

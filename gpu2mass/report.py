@@ -467,6 +467,8 @@ def write_night_report_from_products(out_dir, *, validation: Mapping | None = No
     astrometry = read_json(ast_path) if ast_path.is_file() else None
     if night is None:
         run = out_dir / "run.json"
-        night = str(read_json(run).get("night", out_dir.name)) if run.is_file() else out_dir.name
+        # The UT date, as gpu2mass night titles the report (run.json's "night" is the path).
+        meta = read_json(run) if run.is_file() else {}
+        night = str(meta.get("night_date") or meta.get("night") or out_dir.name)
     return write_night_report(out_dir, night=night, scans_qa=scans_qa, calibration=calibration, frames=frames,
                               astrometry=astrometry, validation=validation)
