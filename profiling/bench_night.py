@@ -1,6 +1,6 @@
 """``gpu2mass night`` end to end on a simulated night, per step (issue 5's speed target).
 
-Run: ``python profiling/bench_night.py --night NIGHT [--device cpu|gpu] [--json PATH]``
+Run: ``python profiling/bench_night.py --night NIGHT [--device cpu|gpu] [--json PATH] [--out DIR]``
 (``NIGHT`` from ``gpu2mass simulate NIGHT --preset scan``: one full 6° science scan of 273
 frames, six 1° calibration scans, darks). Prints, for every scan, the seconds of each step;
 for the full science scans, their total against the target (≤ 60 s per full scan on 2 CPU
@@ -33,6 +33,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--night", type=Path, required=True)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--out", type=Path, help="keep the products here (default: a temporary directory)")
     args = ap.parse_args(argv)
 
     from gpu2mass.io.rawnight import open_night
@@ -41,10 +42,11 @@ def main(argv=None) -> dict:
     night = open_night(args.night, check_data=False)
     nframes = {s.number: s.nframes for s in night.scans}
     with tempfile.TemporaryDirectory() as tmp:
+        out_dir = args.out or Path(tmp) / "out"
         t0 = time.perf_counter()
-        result = run_night(args.night, Path(tmp) / "out", device=args.device)
+        result = run_night(args.night, out_dir, device=args.device)
         total = time.perf_counter() - t0
-        run = json.loads((Path(tmp) / "out" / "run.json").read_text())
+        run = json.loads((out_dir / "run.json").read_text())
     night_steps = run["seconds"]["night"]
     frames_all = sum(nframes[s["scan"]] for s in run["scans"] if s["status"] == "ok")
     out = {"device": result.device, "night": str(args.night), "night_seconds": total,

