@@ -156,7 +156,11 @@ def night(
         typer.echo(f"scan {o.scan:3d} {o.type:4s} {status}{why}" + (f" [{stages}]" if stages else ""))
     typer.echo(f"{len(result.scans) - len(result.failed)}/{len(result.scans)} scans ok on {result.device} "
                f"in {result.seconds:.1f} s; products in {result.out_dir}")
-    if result.failed:
+    for what, error in (("night-level steps", result.night_error),
+                        ("working database", result.database_error)):
+        if error:
+            typer.echo(f"{what} failed: {error}")
+    if not result.ok:
         raise typer.Exit(1)
 
 
