@@ -413,32 +413,6 @@ def _point_sources(night: Night, info, per_band, images, noises, mjd_mid: float,
     return pts
 
 
-def _read_columns(path: Path) -> dict[str, np.ndarray]:
-    import pyarrow.parquet as pq
-
-    return {k: np.asarray(v) for k, v in pq.read_table(path).to_pydict().items()}
-
-
-def _read_pts(path: Path):
-    """A pts Parquet file as an astropy Table, nulls masked (no pandas needed)."""
-    import pyarrow.parquet as pq
-    from astropy.table import MaskedColumn, Table
-
-    arrow = pq.read_table(path)
-    t = Table()
-    for name in arrow.column_names:
-        col = arrow.column(name)
-        values = col.to_numpy(zero_copy_only=False)
-        if col.null_count:
-            mask = col.is_null().to_numpy(zero_copy_only=False)
-            if values.dtype == object:  # strings with nulls
-                values = np.where(mask, "", values).astype(str)
-            t[name] = MaskedColumn(values, mask=mask)
-        else:
-            t[name] = values.astype(str) if values.dtype == object else values
-    return t
-
-
 def _read_geometries(out_dir: Path, scan: int, frames: dict) -> dict | None:
     """Band → :class:`~gpu2mass.geometry.FrameGeometry` of a finished scan (``None`` for a
     scan finished by a version that did not keep the distortion: the steps that use it then
@@ -524,8 +498,8 @@ def _night_steps(out_dir: Path, night: Night, outcomes: list[ScanOutcome], cfg: 
     done = [o.scan for o in outcomes if o.status == "ok"]
     zp_inst = dict(cfg.transients.zero_point)
     with timer("night_read"):
-        pts = {s: _read_pts(_pts_inst_path(out_dir, s)) for s in done}
-        frames = {s: _read_columns(products.scan_dir(out_dir, s) / "frames.parquet") for s in done}
+        pts = {s: products.read_table(_pts_inst_path(out_dir, s)) for s in done}
+        frames = {s: products.read_columns(products.scan_dir(out_dir, s) / "frames.parquet") for s in done}
     with timer("photcal"):
         matches = [calibration_matches(pts[s], frames[s], night.standards, scan=s, field=info[s].field,
                                        zp_inst=zp_inst, config=cfg.photcal)

@@ -25,30 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from astropy.table import MaskedColumn, Table
+from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from gpu2mass.astrometry import solve_night_astrometry
 from gpu2mass.geometry import tan_project
+from gpu2mass.io import products
 from gpu2mass.refcat import load_reference_stars
-
-
-def read_parquet(path) -> Table:
-    """A Parquet file as an astropy Table (nulls masked), without pandas."""
-    t = pq.read_table(path)
-    out = Table()
-    for name in t.column_names:
-        col = t.column(name)
-        if str(col.type).startswith(("string", "large_string")):
-            out[name] = np.asarray([v if v is not None else "" for v in col.to_pylist()], dtype=str)
-            continue
-        mask = np.asarray(col.is_null().to_numpy(zero_copy_only=False))
-        arr = col.to_numpy(zero_copy_only=False)
-        if mask.any():
-            out[name] = MaskedColumn(np.where(mask, np.nan, arr).astype(float), mask=mask)
-        else:
-            out[name] = np.asarray(arr)
-    return out
 
 
 def load_night_outputs(out_dir: Path):
@@ -57,7 +40,7 @@ def load_night_outputs(out_dir: Path):
     for d in sorted((out_dir / "scans").iterdir()):
         if (d / "pts.parquet").exists() and (d / "frames.parquet").exists():
             s = int(d.name)
-            scans[s] = read_parquet(d / "pts.parquet")
+            scans[s] = products.read_table(d / "pts.parquet")
             frames[s] = {k: np.asarray(v) for k, v in pq.read_table(d / "frames.parquet").to_pydict().items()}
     return scans, frames
 

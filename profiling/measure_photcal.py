@@ -26,11 +26,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
-from astropy.table import MaskedColumn, Table
 from scipy.spatial import cKDTree
 
 from gpu2mass.config import RunConfig
+from gpu2mass.io import products
 from gpu2mass.io.rawnight import open_night
 from gpu2mass.photcal import (
     BANDS,
@@ -41,24 +40,6 @@ from gpu2mass.photcal import (
     solve_night_calibration,
 )
 from gpu2mass.transients import TransientConfig
-
-
-def read_table(path) -> Table:
-    """A Parquet file as an astropy Table, nulls as masks (astropy's reader needs pandas)."""
-    at = pq.read_table(path)
-    t = Table()
-    for name in at.column_names:
-        col = at.column(name)
-        null = np.asarray(col.is_null())
-        vals = col.to_numpy(zero_copy_only=False)
-        if vals.dtype == object:
-            vals = np.array(["" if v is None else v for v in vals])
-        t[name] = MaskedColumn(vals, mask=null) if null.any() else vals
-    return t
-
-
-def _columns(path) -> dict:
-    return {k: np.asarray(v) for k, v in pq.read_table(path).to_pydict().items()}
 
 
 def _xyz(ra, dec):
@@ -78,7 +59,7 @@ def measure(night_dir: Path, out_dir: Path, cfg: PhotcalConfig, zp_inst: dict) -
             continue
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always", PhotcalWarning)
-            m = calibration_matches(read_table(d / "pts.parquet"), _columns(d / "frames.parquet"), night.standards,
+            m = calibration_matches(products.read_table(d / "pts.parquet"), products.read_columns(d / "frames.parquet"), night.standards,
                                     scan=s.number, field=s.field, zp_inst=zp_inst, config=cfg)
         for x in w:
             print("  warning:", x.message)
@@ -86,16 +67,16 @@ def measure(night_dir: Path, out_dir: Path, cfg: PhotcalConfig, zp_inst: dict) -
     cal = solve_night_calibration(matches, config=cfg, zp_inst=zp_inst)
     print(f"night {night.night}: {len(cal_scans)} calibration scans, status {cal.status}",
           *(f"({r})" for r in cal.reasons))
-    truth_frames = _columns(night_dir / "truth" / "frames.parquet")
-    src = _columns(night_dir / "truth" / "sources.parquet")
+    truth_frames = products.read_columns(night_dir / "truth" / "frames.parquet")
+    src = products.read_columns(night_dir / "truth" / "sources.parquet")
     tree = cKDTree(_xyz(src["ra"], src["dec"]))
     result = {"night": str(night_dir), "out": str(out_dir), "status": cal.status, "bands": {}}
     calibrated = {}
     for s in sci_scans:
         d = out_dir / "scans" / f"{s.number:03d}"
         if (d / "pts.parquet").exists():
-            pts = read_table(d / "pts.parquet")
-            calibrated[s.number] = (pts, apply_calibration(pts, _columns(d / "frames.parquet"), cal))
+            pts = products.read_table(d / "pts.parquet")
+            calibrated[s.number] = (pts, apply_calibration(pts, products.read_columns(d / "frames.parquet"), cal))
     for band in BANDS:
         b = cal.bands[band]
         p = band.lower()

