@@ -651,8 +651,10 @@ def point_source_m10(magzp: float, *, skysig: float, ncorfac: float, seeing_arcs
                      pixel_arcsec: float = 1.0, beta: float = 2.5) -> float:
     """Magnitude of a point source at SNR 10 on an Atlas Image (the ``M10`` keyword).
 
-    The background-limited SNR of PSF-weighted photometry: the noise of the weighted sum is
-    ``SKYSIG × NCORFAC × sqrt(n_eff)`` with ``n_eff = (Σp)² / Σp²`` the PSF's noise-
+    ``skysig`` is the image's per-pixel noise as its ``SIGMA`` map gives it (median, DN):
+    ``NCORFAC`` scales that quadrature noise to the noise of a sum. The background-limited
+    SNR of PSF-weighted photometry: the noise of the weighted sum is
+    ``skysig × NCORFAC × sqrt(n_eff)`` with ``n_eff = (Σp)² / Σp²`` the PSF's noise-
     equivalent area on the 1" grid, for a Moffat profile (``beta``, 2MASS-like) of FWHM
     ``seeing_arcsec``. Sources brighter than M10 add their own photon noise; the sky
     dominates at SNR 10 in all three bands. Returns NaN without a seeing or noise.

@@ -454,15 +454,16 @@ def _remove_stale(out_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _update_atlas_header(path: Path, cards: dict) -> None:
-    """Set header cards of an Atlas Image, atomically (the image is rewritten whole)."""
+def _update_atlas_header(path: Path, cards: Callable) -> None:
+    """Set header cards of an Atlas Image, atomically (the image is rewritten whole):
+    ``cards(hdul)`` returns key → (value, comment) from the open file."""
     from astropy.io import fits
 
     from gpu2mass.io._atomic import atomic_path
 
     with fits.open(path) as hdul:
         hdul = fits.HDUList([h.copy() for h in hdul])
-    for key, (value, comment) in cards.items():
+    for key, (value, comment) in cards(hdul).items():
         hdul[0].header[key] = (value, comment)
     with atomic_path(path) as tmp:
         hdul.writeto(tmp, overwrite=True)
@@ -552,19 +553,27 @@ def _night_steps(out_dir: Path, night: Night, outcomes: list[ScanOutcome], cfg: 
             mjd, airmass = source_epochs([h["CRVAL1"]], [h["CRVAL2"]], frames[scan], band)
             magzp, magzperr = atlas_magzp(calibration, band, float(mjd[0]), float(airmass[0]),
                                           zp_inst[band])
-            m10 = point_source_m10(magzp, skysig=h["SKYSIG"], ncorfac=h["NCORFAC"],
-                                   seeing_arcsec=h.get("SEEING", np.nan),
-                                   pixel_arcsec=cfg.atlas.pixel_arcsec)
             calibrated = calibration.bands[band].status == "calibrated"
-            _update_atlas_header(path, {
-                "MAGZP": (round(float(magzp), 6),
-                          f"mag of 1 DN ({'calibrated' if calibrated else 'instrumental'})"),
-                "MAGZPERR": (round(float(magzperr), 6), "uncertainty of MAGZP, mag"),
-                "M10": (round(float(m10), 4), "mag of a point source at SNR 10"),
-                "ORDATE": (night.night.strftime("%y%m%d"), "UT date of the observation"),
-                "STRIP_ID": (int(info[scan].tile), "tile (strip) number"),
-                "SEESH": (float(h.get("SEEING", np.nan)), "seeing FWHM, arcsec"),
-            })
+
+            def cards(hdul) -> dict:
+                # NCORFAC scales the quadrature sum of SIGMA (the frames' noise) to the noise of
+                # a sum; SKYSIG, the image's measured scatter, also holds airglow structure.
+                sigma = hdul["SIGMA"].data
+                noise = float(np.median(sigma[np.isfinite(sigma) & (sigma > 0)]))
+                m10 = point_source_m10(magzp, skysig=noise, ncorfac=h["NCORFAC"],
+                                       seeing_arcsec=h.get("SEEING", np.nan),
+                                       pixel_arcsec=cfg.atlas.pixel_arcsec)
+                return {
+                    "MAGZP": (round(float(magzp), 6),
+                              f"mag of 1 DN ({'calibrated' if calibrated else 'instrumental'})"),
+                    "MAGZPERR": (round(float(magzperr), 6), "uncertainty of MAGZP, mag"),
+                    "M10": (round(float(m10), 4), "mag of a point source at SNR 10"),
+                    "ORDATE": (night.night.strftime("%y%m%d"), "UT date of the observation"),
+                    "STRIP_ID": (int(info[scan].tile), "tile (strip) number"),
+                    "SEESH": (float(h.get("SEEING", np.nan)), "seeing FWHM, arcsec"),
+                }
+
+            _update_atlas_header(path, cards)
 
         jobs = [(s, path) for s in done for path in _atlas_files(out_dir, s)]
         with ThreadPoolExecutor(workers) as pool:
