@@ -90,9 +90,18 @@ class BandGeometry:
         # away points stays finite and invertible.
         s = np.clip(u / DISTORTION_RADIUS_PX, -2.0, 2.0)
         t = np.clip(v / DISTORTION_RADIUS_PX, -2.0, 2.0)
-        basis = np.stack([s**i * t**j for i, j in DISTORTION_TERMS])
+        # The terms of DISTORTION_TERMS by products, not powers: this runs for every
+        # position mapped in a scan (fixed-point inversion included), and np.power and a
+        # stacked basis cost 5x more.
+        s2, t2 = s * s, t * t
+        basis = (s2, s * t, t2, s2 * s, s2 * t, s * t2, t2 * t)
         c = np.asarray(self.distortion, float)
-        return np.tensordot(c[0], basis, 1), np.tensordot(c[1], basis, 1)
+        du = c[0, 0] * basis[0]
+        dv = c[1, 0] * basis[0]
+        for k in range(1, len(basis)):
+            du += c[0, k] * basis[k]
+            dv += c[1, k] * basis[k]
+        return du, dv
 
     def distort(self, u, v):
         """Pixel offsets from the array centre → undistorted offsets (px)."""

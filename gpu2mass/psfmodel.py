@@ -380,7 +380,27 @@ def _rows_of(geom: _Geometry, rows: np.ndarray) -> _Geometry:
 def _moffat_pixels(geom: _Geometry, nstar, xc, yc, alpha, beta, derivs=True):
     """Unit-flux pixel integrals P (N, S) and dP/d(xc, yc, alpha, beta), each (N, S).
 
-    ``alpha`` (N,) per star, ``beta`` scalar. Derivatives under the integral sign:
+    ``alpha`` (N,) per star, ``beta`` scalar. Compiled loop
+    (:func:`gpu2mass.kernels.cpu.moffat_pixels.moffat_pixel_sums`); the NumPy statement of
+    the same sums is :func:`_moffat_pixels_reference`.
+    """
+    from gpu2mass.kernels.cpu.moffat_pixels import moffat_pixel_sums
+
+    size = (2 * geom.half + 1) ** 2
+    out = np.zeros((5 if derivs else 1, nstar, size))
+    xc, yc = np.ascontiguousarray(xc, float), np.ascontiguousarray(yc, float)
+    alpha = np.ascontiguousarray(alpha, float)
+    for n, k, p, cx, cy in geom.groups:
+        m = n * n
+        moffat_pixel_sums(k, p, cx, cy, xc, yc, alpha, float(beta), PIXEL_RULE_DX[n, :m],
+                          PIXEL_RULE_DY[n, :m], PIXEL_RULE_W[n, :m], derivs, out)
+    return list(out)
+
+
+def _moffat_pixels_reference(geom: _Geometry, nstar, xc, yc, alpha, beta, derivs=True):
+    """NumPy statement of :func:`_moffat_pixels` (the tests hold the two together).
+
+    Derivatives under the integral sign:
     df/dxc = f 2 beta dx / (alpha^2 u), df/dalpha = f (-2/alpha + 2 beta r^2 / (alpha^3 u)),
     df/dbeta = f (1/(beta-1) - ln u), with u = 1 + r^2/alpha^2.
     """
@@ -415,7 +435,7 @@ def _moffat_pixels(geom: _Geometry, nstar, xc, yc, alpha, beta, derivs=True):
     return out
 
 
-#: (star-pixel pair, quadrature node) values per chunk of :func:`_moffat_pixels`.
+#: (star-pixel pair, quadrature node) values per chunk of :func:`_moffat_pixels_reference`.
 _CHUNK_NODES = 65536
 
 

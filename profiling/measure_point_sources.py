@@ -7,7 +7,14 @@ moved to the scan epoch by their proper motions):
   Atlas coverage, by magnitude, and the magnitudes where it falls below 99 % and 90 %;
 - reliability: the fraction of detections with SNR ≥ 10 and no artifact flag (no
   upper-case ``cc_flg`` letter: 2MASS's marks of a detection that is an artifact) that lie
-  within 2" of a truth source (stars, galaxies, asteroids);
+  within 2" of a truth source (stars, galaxies, and asteroids where the scan passed them:
+  ``gpu2mass.validate``'s truth positions) or of the band's photocentre of two truth
+  sources closer than the blend radius (5", inside which 2MASS fitted candidates together:
+  a pair that the detection does not split is one real detection at its photocentre,
+  which can lie more than 2" from both); over all rows, and over the rows of the PSC's
+  area (selection rule 1: more than 10" from the scan's edges, ``dist_edge_ns`` and
+  ``dist_edge_ew``), where 2MASS quoted its reliability and where the scan ends' single
+  frames, which nothing can confirm, are left out;
 - photometry of unsaturated stars from the R2−R1 saturation limit to 2 mag above the 10σ
   limit (J 9.0–13.8, H 8.5–13.1, Ks 8.0–12.3): median Δm, robust scatter, median ``cmsig``,
   robust spread of Δm / cmsig; the same for ``rd_flg`` 1 (R1) and 3 (saturated in R1);
@@ -15,8 +22,10 @@ moved to the scan epoch by their proper motions):
   row, and rows whose bands belong to different truth stars more than 3" apart (false
   merges; closer pairs are not resolved at the faint end and are counted apart).
 
-Magnitudes are instrumental: compared through the truth zero points (Δm = m − (zp_inst −
-zp_truth) − m_true, zp_truth the mean truth zero point of the frames that hold the star).
+Magnitudes: once the night is calibrated (``run.json`` ``calibration`` is "calibrated"),
+Δm = m − m_true. Otherwise the magnitudes are instrumental and are compared through the
+truth zero points (Δm = m − (zp_inst − zp_truth) − m_true, zp_truth the mean truth zero
+point of the frames that hold the star).
 
 Run: ``python profiling/measure_point_sources.py NIGHT OUT [--json PATH]``.
 """
@@ -34,12 +43,16 @@ from scipy.spatial import cKDTree
 
 from gpu2mass.config import RunConfig
 from gpu2mass.geometry import frame_geometry_from_truth, tan_project
+from gpu2mass.validate import _truth_positions as truth_positions
 
 BANDS = ("J", "H", "K")
 UNSAT = {"J": (9.0, 13.8), "H": (8.5, 13.1), "K": (8.0, 12.3)}
 LIMIT = {"J": 15.8, "H": 15.1, "K": 14.3}
 #: Pairs of truth stars closer than this (about one seeing FWHM) count as unresolved.
 RESOLVED_ARCSEC = 3.0
+#: Truth pairs closer than this may come out as one detection at their photocentre (2MASS
+#: fitted candidates closer than ~5" together).
+BLEND_ARCSEC = 5.0
 
 
 def _robust(x):
@@ -74,10 +87,12 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     manifest = json.loads((args.night / "night.json").read_text())
     zp_inst = RunConfig.defaults().transients.zero_point
+    run = json.loads((args.out / "run.json").read_text()) if (args.out / "run.json").exists() else {}
+    calibrated = run.get("calibration") == "calibrated"
     src = {k: np.asarray(v) for k, v in pq.read_table(args.night / "truth" / "sources.parquet").to_pydict().items()}
     tf = {k: np.asarray(v) for k, v in pq.read_table(args.night / "truth" / "frames.parquet").to_pydict().items()}
-    acc = {b: {"m_true": [], "found": [], "dm": [], "cmsig": [], "rd": [], "rel": [], "n3": 0,
-               "one_row": 0} for b in BANDS}
+    acc = {b: {"m_true": [], "found": [], "dm": [], "cmsig": [], "rd": [], "rel": [], "rel_psc": [],
+               "n3": 0, "one_row": 0} for b in BANDS}
     merge = {"three_band_stars": 0, "merged_one_row": 0, "rows_checked": 0, "false_merges": 0,
              "unresolved_pairs": 0}
     for scan in (s for s in manifest["scans"] if s["type"] == "sci"):
@@ -88,9 +103,8 @@ def main(argv=None) -> dict:
         geo = {b: frame_geometry_from_truth(args.night, scan["scan"], b) for b in BANDS}
         fsel = (tf["scan"] == scan["scan"])
         mjd = float(np.mean(tf["mjd"][fsel]))
-        dt = (mjd - src["epoch_mjd"]) / 365.25
-        dec = src["dec"] + np.nan_to_num(src["pmdec"]) * dt / 3.6e6
-        ra = src["ra"] + np.nan_to_num(src["pmra"]) * dt / 3.6e6 / np.cos(np.deg2rad(dec))
+        # Stars by their proper motions; asteroids to the time the scan passed them.
+        ra, dec = truth_positions(src, {k: v[fsel] for k, v in tf.items()}, mjd)
         ra0, dec0 = float(np.median(tf["ra"][fsel])), float(np.median(tf["dec"][fsel]))
         tx, ty = tan_project(ra, dec, ra0, dec0)
         near_scan = (np.abs(tx) < 600) & (np.abs(ty) < np.ptp(tan_project(tf["ra"][fsel], tf["dec"][fsel], ra0, dec0)[1]) / 2 + 300)
@@ -132,7 +146,10 @@ def main(argv=None) -> dict:
             rr = np.full(stars.size, -1)
             mcol = np.asarray(pts[f"{p}_m"], float) if f"{p}_m" in pts else None
             ccol = np.asarray(pts[f"{p}_cmsig"], float)
-            mm[found] = mcol[j[found]] - (zp_inst[b] - zp_star[found]) - m_true[stars][found]
+            if calibrated:
+                mm[found] = mcol[j[found]] - m_true[stars][found]
+            else:
+                mm[found] = mcol[j[found]] - (zp_inst[b] - zp_star[found]) - m_true[stars][found]
             cs[found] = ccol[j[found]]
             rr[found] = rdb[j[found]]
             acc[b]["dm"].append(mm)
@@ -143,9 +160,20 @@ def main(argv=None) -> dict:
             cc = np.array([s[BANDS.index(b)] for s in pts["cc_flg"].astype(str)])
             rel = np.flatnonzero(det_b & (np.nan_to_num(snr) >= 10) & ~np.char.isupper(cc))
             all_src = np.flatnonzero(near_scan)
-            stree = cKDTree(np.column_stack([tx[all_src], ty[all_src]]))
+            sxy = np.column_stack([tx[all_src], ty[all_src]])
+            stree = cKDTree(sxy)
             d2, _ = stree.query(np.column_stack([px[rel], py[rel]]), distance_upper_bound=2.0)
+            # Unsplit blends: the band's photocentres of truth pairs closer than 5".
+            pairs = stree.query_pairs(BLEND_ARCSEC, output_type="ndarray")
+            if len(pairs) and rel.size:
+                w = 10 ** (-0.4 * m_true[all_src][pairs])
+                cen = (sxy[pairs] * w[:, :, None]).sum(1) / w.sum(1)[:, None]
+                db, _ = cKDTree(cen).query(np.column_stack([px[rel], py[rel]]), distance_upper_bound=2.0)
+                d2 = np.fmin(d2, db)
             acc[b]["rel"].append(np.isfinite(d2))
+            # The PSC's area: more than 10" from the scan's edges (selection rule 1).
+            psc_area = (np.asarray(pts["dist_edge_ns"], float)[rel] > 10) & (np.asarray(pts["dist_edge_ew"], float)[rel] > 10)
+            acc[b]["rel_psc"].append(np.isfinite(d2[psc_area]))
         # Band merging: truth stars found in all three bands.
         rd = np.array([[int(c) for c in s] for s in pts["rd_flg"].astype(str)]) if len(pts["ra"]) else np.zeros((0, 3), int)
         has = np.isin(rd, (1, 2, 3, 4, 9))
@@ -193,6 +221,7 @@ def main(argv=None) -> dict:
         cs = np.concatenate(a["cmsig"])
         rd = np.concatenate(a["rd"])
         rel = np.concatenate(a["rel"])
+        rel_psc = np.concatenate(a["rel_psc"])
         lo, hi = UNSAT[b]
         reg = (m_true >= lo) & (m_true <= hi) & np.isfinite(dm) & (rd == 2)
         med, sc = _robust(dm[reg])
@@ -205,6 +234,8 @@ def main(argv=None) -> dict:
             "m90": _completeness_mag(m_true, found, 0.90),
             "reliability_snr10": float(rel.mean()) if rel.size else None,
             "n_reliability": int(rel.size),
+            "reliability_snr10_psc_area": float(rel_psc.mean()) if rel_psc.size else None,
+            "n_reliability_psc_area": int(rel_psc.size),
             "unsat_n": int(reg.sum()), "unsat_bias": med, "unsat_scatter": sc,
             "unsat_median_cmsig": float(np.nanmedian(cs[reg])) if reg.any() else None,
             "unsat_norm_spread": nsc,
@@ -217,7 +248,8 @@ def main(argv=None) -> dict:
         result["bands"][b] = res
         print(f"{b}: completeness to {LIMIT[b]} {res['completeness_to_limit']:.4f} "
               f"({res['isolated_stars_to_limit']} stars), m99 {res['m99']}, m90 {res['m90']}; "
-              f"reliability(SNR>=10) {res['reliability_snr10']:.4f} of {rel.size}; "
+              f"reliability(SNR>=10) {res['reliability_snr10']:.4f} of {rel.size} "
+              f"(PSC area {res['reliability_snr10_psc_area']:.4f} of {rel_psc.size}); "
               f"unsat ({reg.sum()}): bias {med:+.4f} scatter {sc:.4f} median cmsig "
               f"{res['unsat_median_cmsig']:.4f} norm spread {nsc:.2f}; "
               f"R1 n={res['rd1_n']} bias {res['rd1_bias']:+.3f} scatter {res['rd1_scatter']:.3f}; "
