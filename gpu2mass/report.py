@@ -56,7 +56,14 @@ def _legend(ax, **kw) -> None:
 def _figure(nrows: int, ncols: int, size: tuple[float, float], **kw):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=size, layout="constrained")
+    # Fixed margins, in inches, instead of matplotlib's constrained layout: the layout
+    # engine draws every figure twice and tripled the report's share of the night phase.
+    # The margins hold a y label with its tick labels (left), a title (top) and the x label
+    # (bottom); the gaps hold the next column's y label and the next row's title.
+    fig = Figure(figsize=size)
+    width, height = size
+    fig.subplots_adjust(left=0.8 / width, right=1 - 0.15 / width, bottom=0.5 / height,
+                        top=1 - 0.35 / height, wspace=0.38, hspace=0.35)
     axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
     return fig, axes
 
