@@ -243,6 +243,35 @@ def _detect_pass(xp, frames, mask, noise, alpha, cfg, smoothed, filt_gain, min_s
     return fi[keep], values[keep], flags[keep]
 
 
+def _interp_decreasing(r, pred, grid):
+    """Per source i, ``np.interp(-r[i], -p_i, grid)`` for a curve p_i decreasing along
+    ``grid``, evaluating p_i only where a bisection needs it.
+
+    ``pred(k)`` gives every source's p at grid indices ``k`` (int array (m,)). The bracket
+    of each r (p[j] >= r > p[j+1]) is found in log2(len(grid)) steps instead of evaluating
+    the whole curve (each value is a pixel integral: the full curves cost seconds per scan);
+    ratios beyond the curve's ends take the end's grid value and NaN stays NaN, as np.interp.
+    """
+    m, g = r.size, grid.size
+    lo, hi = np.zeros(m, np.int64), np.full(m, g - 1)
+    p_lo, p_hi = pred(lo), pred(hi)
+    # Invariant inside: p[lo] >= r > p[hi]; bisect until hi = lo + 1.
+    while np.any(hi - lo > 1):
+        mid = (lo + hi) // 2
+        p_mid = pred(mid)
+        up = p_mid >= r  # the bracket moves to [mid, hi]
+        lo, p_lo = np.where(up, mid, lo), np.where(up, p_mid, p_lo)
+        hi, p_hi = np.where(up, hi, mid), np.where(up, p_hi, p_mid)
+    # np.interp's formula on the increasing abscissae -p.
+    x, x0, x1 = -r, -p_lo, -p_hi
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (grid[hi] - grid[lo]) / (x1 - x0) * (x - x0) + grid[lo]
+    first, last = pred(np.zeros(m, np.int64)), pred(np.full(m, g - 1))
+    out = np.where(r >= first, grid[0], out)
+    out = np.where(r <= last, grid[-1], out)
+    return np.where(np.isfinite(r), out, np.nan)
+
+
 def _estimate_alpha(fi, values, flags, n, cfg):
     """Per-frame Moffat alpha (px) from the peak-pixel fraction of bright sources."""
     from gpu2mass.kernels.reference.psf import moffat_pixel_integral
@@ -261,11 +290,16 @@ def _estimate_alpha(fi, values, flags, n, cfg):
     grid = np.linspace(0.4, 3.0, 105)  # alpha, px (FWHM 1.2"-9" at beta 2.5)
     b = cfg.psf_beta
     # Peak-pixel fraction at each source's phase over aperture fraction (encircled energy,
-    # 1 - (1 + r^2/alpha^2)^(1-beta); the phase dependence of the aperture is < 0.5 %).
-    peak_frac = moffat_pixel_integral(-px[:, None], -py[:, None], grid[None, :], b)
+    # 1 - (1 + r^2/alpha^2)^(1-beta); the phase dependence of the aperture is < 0.5 %),
+    # decreasing in alpha; each source's alpha interpolated linearly between the grid
+    # values that bracket its ratio.
     ee = 1.0 - (1.0 + r_ap**2 / grid**2) ** (1.0 - b)
-    pred = peak_frac / ee[None, :]  # decreasing in alpha
-    est = np.array([np.interp(-r, -p, grid) for r, p in zip(ratio, pred, strict=True)])
+
+    def pred(k):
+        """The prediction of every source at grid index k (m,)."""
+        return moffat_pixel_integral(-px, -py, grid[k], b) / ee[k]
+
+    est = _interp_decreasing(ratio, pred, grid)
     frame_of = fi[sel]
     per_frame = np.full(n, np.nan)
     for f in range(n):

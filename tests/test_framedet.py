@@ -317,3 +317,22 @@ def test_bad_pixels_and_bad_inputs(rng):
         FrameDetConfig(tpk=-1.0)
     with pytest.raises(ConfigError, match="sky_inner"):
         FrameDetConfig(sky_inner_arcsec=30.0, sky_outer_arcsec=20.0)
+
+
+def test_alpha_bisection_equals_interpolating_the_whole_curve():
+    """The seeing estimate's bisection gives np.interp on the full prediction curve exactly,
+    NaN ratios and ratios beyond the curve's ends included."""
+    from gpu2mass.framedet import _interp_decreasing
+    from gpu2mass.kernels.reference.psf import moffat_pixel_integral
+
+    rng = np.random.default_rng(2)
+    m = 400
+    px, py = rng.uniform(-0.5, 0.5, m), rng.uniform(-0.5, 0.5, m)
+    grid, beta, r_ap = np.linspace(0.4, 3.0, 105), 2.5, 2.0
+    ee = 1.0 - (1.0 + r_ap**2 / grid**2) ** (1.0 - beta)
+    full = moffat_pixel_integral(-px[:, None], -py[:, None], grid[None, :], beta) / ee[None, :]
+    r = full[np.arange(m), rng.integers(0, grid.size, m)] * rng.uniform(0.7, 1.3, m)
+    r[:3], r[3], r[4], r[5] = np.nan, 10.0, -1.0, full[5, 50]
+    want = np.array([np.interp(-ri, -p, grid) for ri, p in zip(r, full, strict=True)])
+    got = _interp_decreasing(r, lambda k: moffat_pixel_integral(-px, -py, grid[k], beta) / ee[k], grid)
+    np.testing.assert_array_equal(got, want)
