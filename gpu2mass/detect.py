@@ -428,7 +428,8 @@ class _Convolver:
             # Kernel centred at the origin (wrapped), so the output needs no shift.
             for dy in range(-h, h + 1):
                 k[dy % self.fshape[0], np.arange(-h, h + 1) % self.fshape[1]] = kernel[dy + h]
-            spec = self.fft.rfft2(self.xp.asarray(k))
+            # Single precision, like the images' spectra (:meth:`transform`).
+            spec = self.fft.rfft2(self.xp.asarray(k)).astype(self.xp.complex64)
             with _Convolver._lock:
                 if len(cache) >= 16:  # 7 per band and image size (~5 MB each): keep the newest
                     cache.pop(next(iter(cache)), None)
@@ -436,15 +437,21 @@ class _Convolver:
         return spec
 
     def transform(self, image):
-        """The zero-padded spectrum of an (ny, nx) image, for :meth:`__call__`."""
-        return self.fft.rfft2(image.astype(self.xp.float64), s=self.fshape)
+        """The zero-padded spectrum of an (ny, nx) image, for :meth:`__call__`.
+
+        Single precision: the images are float32, and the transforms' rounding (~1e-7 of
+        the image's rms times log2 of its size) stays 1e-4 of the noise even next to a
+        saturated star, while halving the step's FFT time (most of the Atlas detection).
+        """
+        return self.fft.rfft2(image.astype(self.xp.float32), s=self.fshape)
 
     def __call__(self, image, name, kernel):
-        """``image`` (ny, nx), or its :meth:`transform`, convolved with ``kernel``."""
+        """``image`` (ny, nx), or its :meth:`transform`, convolved with ``kernel``;
+        float64 (ny, nx)."""
         ny, nx = self.shape
         spec = image if image.shape != self.shape else self.transform(image)
         out = self.fft.irfft2(spec * self.spectrum(name, kernel), s=self.fshape)
-        return out[:ny, :nx]
+        return out[:ny, :nx].astype(self.xp.float64)
 
 
 def _row_quantiles(xp, a, qs):
