@@ -326,6 +326,55 @@ def test_masked_pixels_are_excluded(scans, grids):
     np.testing.assert_array_equal(p.data, masked.data)
 
 
+def _noiseless_star_frames(geometry, ra, dec, alpha_px, flux):
+    """Frames holding only a Moffat (β = 2.5, α px, 5×5-subsampled pixel integral) star of
+    ``flux`` DN at (ra, dec), drawn wherever it touches a frame; and its frame positions."""
+    n = geometry.nframes
+    fx, fy = geometry.sky_to_pixel(np.arange(n), ra, dec)
+    yy, xx = np.mgrid[0:256, 0:256].astype(float)
+    sub = (np.arange(5) + 0.5) / 5 - 0.5
+    frames = np.zeros((n, 256, 256), np.float32)
+    for k in np.flatnonzero((fx > -30) & (fx < 285) & (fy > -30) & (fy < 285)):
+        img = np.zeros((256, 256))
+        for dy, dx in itertools.product(sub, sub):
+            r2 = (xx + dx - fx[k]) ** 2 + (yy + dy - fy[k]) ** 2
+            img += (PSF_BETA - 1) / (np.pi * alpha_px**2) * (1 + r2 / alpha_px**2) ** -PSF_BETA
+        frames[k] = flux * img / 25
+    return frames, fx, fy
+
+
+def test_masked_pixel_at_a_star_core_keeps_its_flux(scans, grids):
+    """A bad pixel at a star's peak in one of its ~6 frames: the 14" Atlas flux of a
+    noiseless star stays within 0.6 % of its flux. Interpolating across the bad pixel
+    instead (renormalised kernel with half its weight left, the old default) lost 1-2 %,
+    which was most of the excess scatter of the nights' Atlas fluxes (measure_atlas_flux).
+    Measured at these positions: 0.9956-0.9995 (without the bad pixel 0.9997-0.9999; with
+    0.5: 0.980-0.986)."""
+    s = scans["K"]
+    scale = s.geometry.band.scale_arcsec
+    alpha, flux = 1.1, 1000.0  # α 1.1 px: FWHM 2.3", the sharpest of the simulator's Ks
+    truth = flux * moffat_enclosed_fraction(APERTURE_ARCSEC / scale, alpha, PSF_BETA)
+    g0 = grids[1]
+    cfg = AtlasConfig(background_match=False, reject_sigma=0.0)
+    old = AtlasConfig(background_match=False, reject_sigma=0.0, min_kernel_weight=0.5)
+    for px, py in ((230.3, 420.8), (281.6, 555.2), (250.9, 700.4)):
+        ra, dec = g0.pixel_to_sky(px, py)
+        # A small grid around the star: the same mapping, a 100 × 100 cut-out.
+        g = AtlasGrid(0, ra, dec, 100, 100, 50.5, 50.5, g0.pixel_deg)
+        frames, fx, fy = _noiseless_star_frames(s.geometry, ra, dec, alpha, flux)
+        inside = np.flatnonzero((fx > 10) & (fx < 245) & (fy > 10) & (fy < 245))
+        k0 = inside[len(inside) // 2]
+        mask = np.zeros(frames.shape, bool)
+        mask[k0, round(fy[k0]), round(fx[k0])] = True
+        yy, xx = np.mgrid[0:100, 0:100]
+        ap = np.hypot(xx - 49.5, yy - 49.5) < APERTURE_ARCSEC
+        ones = np.ones(s.geometry.nframes)
+        img = run_atlas(frames, mask=mask, geometry=s.geometry, noise=ones, grid=g, config=cfg)
+        assert abs(np.nansum(img.data[ap]) / truth - 1.0) < 0.006
+        before = run_atlas(frames, mask=mask, geometry=s.geometry, noise=ones, grid=g, config=old)
+        assert np.nansum(before.data[ap]) / truth < 0.993
+
+
 def test_non_finite_pixels_join_the_mask(scans, grids):
     s = scans["K"]
     frames = s.data.copy()
