@@ -10,9 +10,10 @@ each pixel over a block of frames (the sky-illumination pattern). Both are sorts
   than a Numba quickselect we measured; on CuPy arrays it is CuPy's device sort (DESIGN.md
   section 4: library operations CuPy provides go through the namespace).
 - ``trimmed_mean`` on ``"cpu"`` (NumPy arrays, the default for them) is the Numba
-  ``prange`` driver of :mod:`gpu2mass.kernels.cpu.robust` (an insertion sort of each
-  pixel's ≤ 42 values; as fast as NumPy's sort along the strided frame axis on one thread,
-  and parallel); on ``"cuda"`` and ``"reference"`` the namespace sort.
+  ``prange`` driver of :mod:`gpu2mass.kernels.cpu.robust` (each pixel's ≤ 42 values ranked
+  by counting: 0.039 s per 42-frame block of 256 × 256 pixels on one thread, about NumPy's
+  sort along the frame axis plus the sums, and parallel over rows); on ``"cuda"`` and
+  ``"reference"`` the namespace sort.
 
 All give the same numbers: quantiles interpolate linearly between order statistics exactly
 like ``numpy.quantile``; the trimmed mean drops ``floor(trim · count)`` values from each end
