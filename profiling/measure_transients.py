@@ -4,8 +4,12 @@ For every truth cosmic ray of a science scan: the Atlas pixels nearest its sky p
 (through the truth frame geometry), as a significance (value − local median) / SIGMA; the
 fraction above 5σ must be 0. Reported also split by where it cannot be judged: rays near a
 truth source (within 3", or 8" of one brighter than 15 mag, or 15" of one brighter than
-11: measured against the source's light) and where a single frame covers the
-sky (nothing to compare with). The rest ("clear") is compared with a control sample, one
+11, or where the truth sources' light in those pixels exceeds 1 SIGMA: measured against
+the source's light) and where a single frame covers the sky (nothing to compare with). The
+light rule: each source as a Moffat (β = 2.5, the frame's truth FWHM and zero point) at
+the nearest of the 3×3 pixels; without it the one "clear" ray above 5σ of the ci night
+(scan 14, H, frame 21) was an H 15.3 star's light 3.5" away, present in all six frames
+(the ray itself, ~40 DN in frame 21, added < 2σ). The rest ("clear") is compared with a control sample, one
 random position of the same frame per ray, measured alike: the image holds > 5σ peaks
 that no ray made (bright-star artifacts, noise), and a ray is removed when its position
 is no more often above 5σ than a random one. For every truth meteor trail: the fraction of its pixels
@@ -35,8 +39,9 @@ def _atlas(out: Path, band: str, scan: int):
 
 def _significance(images, ra, dec):
     """Largest (value − local median)/SIGMA in the 3×3 Atlas pixels at (ra, dec) over the
-    images that hold it, and the least coverage there; (None, 0) off the images."""
-    best, cmin = None, 0
+    images that hold it, the least coverage and the least SIGMA there; (None, 0, nan) off
+    the images."""
+    best, cmin, smin = None, 0, np.nan
     for w, d, sig, cov in images:
         x, y = w.world_to_pixel_values(ra, dec)
         ix, iy = round(float(x)), round(float(y))
@@ -45,7 +50,19 @@ def _significance(images, ra, dec):
             z = np.nanmax((d[iy - 1 : iy + 2, ix - 1 : ix + 2] - bg) / sig[iy - 1 : iy + 2, ix - 1 : ix + 2])
             if best is None or z > best:
                 best, cmin = z, int(cov[iy - 1 : iy + 2, ix - 1 : ix + 2].min())
-    return best, cmin
+                smin = float(np.nanmin(sig[iy - 1 : iy + 2, ix - 1 : ix + 2]))
+    return best, cmin, smin
+
+
+def _source_light(sep_arcsec, mag, zp_mag, fwhm_arcsec):
+    """Peak light (DN per 1" pixel) of sources ``sep_arcsec`` away at the nearest of the
+    3×3 Atlas pixels around a position (up to 1.5" closer): Moffat β = 2.5 of the frame's
+    truth FWHM, which includes the 2" pixel, so it is not sharper than the Atlas's PSF."""
+    beta = 2.5
+    alpha = fwhm_arcsec / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    r = np.maximum(sep_arcsec - 1.5, 0.0)
+    peak = (beta - 1) / (np.pi * alpha**2) * (1.0 + (r / alpha) ** 2) ** -beta
+    return 10.0 ** (-0.4 * (mag - zp_mag)) * peak
 
 
 def main(night: Path, out: Path) -> dict:
@@ -54,6 +71,7 @@ def main(night: Path, out: Path) -> dict:
     src = pq.read_table(night / "truth" / "sources.parquet", columns=["ra", "dec", "j_m", "h_m", "k_m"]).to_pydict()
     src_ra, src_dec = np.asarray(src["ra"]), np.asarray(src["dec"])
     src_m = {b: np.nan_to_num(np.asarray(src[f"{b.lower()}_m"], float), nan=99.0) for b in "JHK"}
+    tf = {k: np.asarray(v) for k, v in pq.read_table(night / "truth" / "frames.parquet").to_pydict().items()}
     rng = np.random.default_rng(1)
     res = {"cosmic_rays": 0, "cr_above_5sigma": 0, "cr_clear": 0, "cr_clear_above_5sigma": 0,
            "cr_on_source_above_5sigma": 0, "cr_single_frame_above_5sigma": 0,
@@ -63,6 +81,9 @@ def main(night: Path, out: Path) -> dict:
             geo = frame_geometry_from_truth(night, s["scan"], band)
             sel = (art["scan"] == s["scan"]) & (art["band"] == band)
             images = list(_atlas(out, band, s["scan"]))
+            fsel = (tf["scan"] == s["scan"]) & (tf["band"] == band)
+            order = np.argsort(tf["frame"][fsel])
+            zp_f, fwhm_f = tf["zp_mag"][fsel][order], tf["fwhm_arcsec"][fsel][order]
             for k in np.flatnonzero(sel & (art["kind"] == "cosmic_ray")):
                 # The ray, and a control: a random position of the same frame, measured
                 # alike (what the image holds at places no ray hit: artifacts of bright
@@ -71,13 +92,17 @@ def main(night: Path, out: Path) -> dict:
                 cx, cy = rng.uniform(8, geo.band.nx - 8), rng.uniform(8, geo.band.ny - 8)
                 for key, (px, py) in (("cr", (art["x0"][k], art["y0"][k])), ("control", (cx, cy))):
                     ra, dec = geo.pixel_to_sky(f, px, py)
-                    best, cmin = _significance(images, ra, dec)
+                    best, cmin, smin = _significance(images, ra, dec)
                     if best is None:
                         continue
                     sep = np.hypot((src_ra - ra) * np.cos(np.deg2rad(dec)), src_dec - dec) * 3600
                     m = src_m[band]
-                    # Where a source's light is measurable: any within 3", brighter wings further.
-                    near = bool(np.any((sep < 3.0) | ((sep < 8.0) & (m < 15.0)) | ((sep < 15.0) & (m < 11.0))))
+                    # Where a source's light is measurable: any within 3", brighter wings
+                    # further, or its light at these pixels above 1σ.
+                    close = sep < 60.0
+                    light = _source_light(sep[close], m[close], zp_f[f], fwhm_f[f]).sum()
+                    near = bool(np.any((sep < 3.0) | ((sep < 8.0) & (m < 15.0)) | ((sep < 15.0) & (m < 11.0)))
+                                or light > smin)
                     clear = cmin >= 2 and not near
                     res[f"{key}_clear"] += int(clear)
                     res[f"{key}_clear_above_5sigma"] += int(clear and best > 5)
