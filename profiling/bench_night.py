@@ -6,7 +6,8 @@ frames, six 1° calibration scans, darks). Prints, for every scan, the seconds o
 for the full science scans, their total against the target (≤ 60 s per full scan on 2 CPU
 cores) and against the scan's own observing time (273 frames × 1.3 s: a ratio below 1 keeps
 up with the telescope); the night-level steps (calibration, PosPts, catalog, Atlas zero
-points, QA) with the full science scans' share of them; peak host memory and, on a GPU,
+points, QA); the full science scans' share, by frames, of everything in the run that is not
+a scan's own step (darks, the night-level steps, the database load); peak host memory and, on a GPU,
 peak device memory.
 
 There is no end-to-end peer for a 2MASS night (the original 2MAPPS ran on 1990s Suns);
@@ -57,10 +58,15 @@ def main(argv=None) -> dict:
           f"peak host memory {run['peak_host_memory_mb']:.0f} MB"
           + (f", peak device memory {run['peak_device_memory_mb']:.0f} MB"
              if run["peak_device_memory_mb"] else "") + ")")
+    # Everything of the run that is not a scan's own step (darks, opening the night, the
+    # night-level steps, the database load, writing run.json) is shared among the scans by
+    # their frames: the night-level steps work on every scan's sources.
+    scan_seconds = sum(sum(s["seconds"].values()) for s in run["scans"] if s["status"] == "ok")
+    shared = max(total - scan_seconds, 0.0)
+    out["shared_seconds"] = shared
     for s in run["scans"]:
         scan_total = sum(s["seconds"].values())
-        # The night-level steps work on every scan's sources: a scan's share goes by frames.
-        share = sum(night_steps.values()) * nframes[s["scan"]] / max(frames_all, 1)
+        share = shared * nframes[s["scan"]] / max(frames_all, 1)
         entry = {"type": s["type"], "status": s["status"], "frames": nframes[s["scan"]],
                  "seconds": s["seconds"], "scan_seconds": scan_total,
                  "night_share_seconds": share}
@@ -76,7 +82,8 @@ def main(argv=None) -> dict:
             print(f"    full scan: {full:.1f} s = {full / TARGET_S:.2f} × the {TARGET_S:.0f} s target, "
                   f"{full / observing:.2f} × its {observing:.0f} s of observing time")
         out["scans"][s["scan"]] = entry
-    print("night-level steps: " + "  ".join(f"{k} {v:.1f}" for k, v in night_steps.items()))
+    print("night-level steps: " + "  ".join(f"{k} {v:.1f}" for k, v in night_steps.items())
+          + f"; everything outside the scans' steps (shared by frames): {shared:.1f} s")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
     return out
