@@ -3,7 +3,7 @@
 Built from the defaults (2MASS values), an optional TOML file and ``--set step.name=value``
 overrides, in that order; the effective configuration goes into ``run.json``. Steps are
 named as in the data flow (:data:`STEP_CONFIGS`): per scan ``darks`` … ``artifacts``,
-``catalog``; per night ``photcal``, ``astrometry``, ``psc``, ``qa``. Unknown steps or fields, and values of the wrong type, raise
+``catalog``; per night ``photcal``, ``errcal``, ``astrometry``, ``psc``, ``qa``. Unknown steps or fields, and values of the wrong type, raise
 :class:`~gpu2mass.errors.ConfigError` naming them.
 """
 
@@ -41,6 +41,7 @@ STEP_CONFIGS = {
     "psc": ("gpu2mass.psc", "PscConfig"),
     "qa": ("gpu2mass.qa", "QaConfig"),
     "photcal": ("gpu2mass.photcal", "PhotcalConfig"),
+    "errcal": ("gpu2mass.errcal", "ErrcalConfig"),
 }
 
 

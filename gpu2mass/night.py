@@ -495,6 +495,7 @@ def _night_steps(out_dir: Path, night: Night, outcomes: list[ScanOutcome], cfg: 
     from gpu2mass.astrometry import solve_night_astrometry
     from gpu2mass.atlas import point_source_m10
     from gpu2mass.epochs import source_epochs
+    from gpu2mass.errcal import apply_error_calibration, solve_error_calibration
     from gpu2mass.io.rawwrite import write_json
     from gpu2mass.photcal import (
         apply_calibration,
@@ -521,6 +522,11 @@ def _night_steps(out_dir: Path, night: Night, outcomes: list[ScanOutcome], cfg: 
                    for s in done if info[s].type == "cal" and night.standards is not None]
         calibration = solve_night_calibration(matches, config=cfg.photcal, zp_inst=zp_inst)
         write_json(Path(out_dir) / "night" / "calibration.json", calibration.to_dict())
+    with timer("errcal"):
+        # rd_flg 2 cmsig from the calibration fields' repeats, on their calibrated magnitudes.
+        errors = solve_error_calibration({s: apply_calibration(pts[s], frames[s], calibration)
+                                          for s in done if info[s].type == "cal"}, config=cfg.errcal)
+        write_json(Path(out_dir) / "night" / "errors.json", errors.to_dict())
     with timer("pospts"):
         def reference(ra_range, dec_range, epoch_jyear):
             return load_reference_stars(night.reference_catalog, epoch_jyear=epoch_jyear,
@@ -533,7 +539,9 @@ def _night_steps(out_dir: Path, night: Night, outcomes: list[ScanOutcome], cfg: 
         geometries = {s: _read_geometries(out_dir, s, frames[s]) for s in done}
         rows = {}
         for s in done:
-            t = apply_calibration(astrometry.apply(s, pts[s]), frames[s], calibration)
+            t = apply_error_calibration(astrometry.apply(s, pts[s]), errors,
+                                        systematic_mag=cfg.catalog.systematic_mag, scan=s)
+            t = apply_calibration(t, frames[s], calibration)
             rows[s] = finalize_point_sources(
                 t, scan=s, night_date=night.night.isoformat(), observatory=night.observatory,
                 frames=frames[s], atlas_images=_atlas_files(out_dir, s), nx=inst.nx, ny=inst.ny,
