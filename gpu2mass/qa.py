@@ -339,9 +339,11 @@ def atlas_background_noise(data, sigma, *, config: QaConfig = QaConfig()) -> dic
     if ny == 0 or nx == 0:
         return nan
     full = np.asarray(data[:ny, :nx], np.float32)
-    cells = full.reshape(ny // step, step, nx // step, step)
-    with np.errstate(invalid="ignore"):
-        peak = np.nanmax(np.where(np.isfinite(cells), cells, -np.inf), axis=(1, 3))
+    # Brightest pixel of each cell: element-wise maxima of the cells' strided rows, then
+    # columns (7x faster than a max over the small axes of a 4-d view).
+    finite = np.where(np.isfinite(full), full, -np.inf)
+    rows = np.maximum.reduce([finite[k::step] for k in range(step)])
+    peak = np.maximum.reduce([rows[:, k::step] for k in range(step)])
     data = full[::step, ::step].astype(float)
     sigma = np.asarray(sigma[:ny:step, :nx:step], float)
     with np.errstate(invalid="ignore"):
@@ -813,10 +815,29 @@ def _moment_stars(ra, dec, snr, prof, config: QaConfig) -> np.ndarray:
     return np.flatnonzero(ok)[cnt <= 1]
 
 
+def _sky_to_pixel(header, ra, dec):
+    """0-based pixel (x, y) of (ra, dec) on an Atlas Image: the grid's own SIN mapping
+    (:class:`gpu2mass.atlas.AtlasGrid`, 10x faster than building an astropy WCS per image)
+    when the header is the plain north-up SIN grid gpu2mass writes, astropy's WCS otherwise."""
+    from gpu2mass.atlas import AtlasGrid
+
+    get = header.get
+    plain = (str(get("CTYPE1", "")).strip() == "RA---SIN" and str(get("CTYPE2", "")).strip() == "DEC--SIN"
+             and float(get("CROTA2", 0.0)) == 0.0 and "CDELT2" in header
+             and float(get("CDELT1", 0.0)) == -float(get("CDELT2"))
+             and not any(k in header for k in ("PC1_1", "PC1_2", "PC2_1", "PC2_2", "CD1_1", "CD1_2",
+                                               "CD2_1", "CD2_2", "PV2_1", "PV2_2")))
+    if not plain:
+        return _wcs(header).all_world2pix(ra, dec, 0)
+    grid = AtlasGrid(0, float(get("CRVAL1")), float(get("CRVAL2")), int(get("NAXIS1", 0)),
+                     int(get("NAXIS2", 0)), float(get("CRPIX1")), float(get("CRPIX2")),
+                     float(get("CDELT2")))
+    return grid.sky_to_pixel(np.asarray(ra, float), np.asarray(dec, float))
+
+
 def _image_moment_ratios(header, data, ra, dec, fwhm_arcsec: float) -> list[float]:
     """Moment ratios of the stars (ra, dec) that fall on one Atlas Image."""
-    w = _wcs(header)
-    px, py = w.all_world2pix(ra, dec, 0)
+    px, py = _sky_to_pixel(header, ra, dec)
     scale = abs(float(_header_get(header, "CDELT2", 1.0 / 3600.0))) * 3600.0
     ny, nx = data.shape
     inside = (px > 6) & (px < nx - 7) & (py > 6) & (py < ny - 7)
