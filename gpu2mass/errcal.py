@@ -17,11 +17,11 @@ saturated in R1 are left alone. The same here, per night and band:
 - :func:`apply_error_calibration`: a scan's point sources with ``[jhk]_cmsig``,
   ``[jhk]_msigcom`` and ``ph_qual`` of ``rd_flg`` 2 measurements rewritten.
 
-The form. Per magnitude bin, the factor that makes a bin's residuals unit-spread is 2–4 at
+The form. Per magnitude bin, the factor that makes a bin's residuals unit-spread is 1.2–3 at
 J 9–11 and 1.0–1.1 fainter than J 13 (ci, scan and night presets); inside a bin it
 over-corrects the stars with the larger raw errors and under-corrects those with the
 smaller (spreads 0.6–0.9 against 1.1–1.4 for the two halves split at the bin's median
-error), whereas a floor added in quadrature normalises both halves to 0.9–1.1. The excess
+error), whereas a floor added in quadrature brings both halves mostly to 0.9–1.1. The excess
 is an error of a few mmag that does not scale with the photon noise: each scan's PSF →
 aperture normalisation and curve of growth (one value per scan and band, from a few dozen
 stars) is off by 1–15 mmag, independently from scan to scan. One floor per band describes
