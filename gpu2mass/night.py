@@ -220,7 +220,10 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
             table["n_det_r1"].append(np.bincount(np.asarray(det_r1["frame"], np.int64), minlength=n))
     images = {b: [] for b in per_band}
     noises = {}
-    with timer("atlas"):
+    with timer("atlas"), ThreadPoolExecutor(1) as writer:
+        # Each image is written while the next is computed: the write is mostly waiting on
+        # the file system (~15 ms of 28 ms per image), which a second thread hides.
+        writes = []
         grids = plan_atlas_grids({b: per_band[b][1].geometry for b in per_band}, config=cfg.atlas)
         for band, (cal, reg, tr, det, _det_r1) in per_band.items():
             mask = (cal.mask_r2r1 != 0) | xp.asarray(tr.mask)
@@ -234,9 +237,11 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
                                 zp_mag=np.full(info.nframes, cfg.transients.zero_point[band]),
                                 seeing_arcsec=seeing)
                 path = products.atlas_path(staging, band, info.number, k + 1)
-                write_atlas(path, img)
+                writes.append(writer.submit(write_atlas, path, img))
                 outcome.products.append(str(path.relative_to(staging)))
                 images[band].append(img)
+        for done in writes:
+            done.result()  # a failed write fails the scan here
     mjd_mid = float(np.mean(scan[inst.bands[0]].frames["MJD"]))
     pts = _point_sources(night, info, per_band, images, noises, mjd_mid, cfg, timer)
     # The bands' focal-plane geometry (the frames table has the frame centres, rotation and
