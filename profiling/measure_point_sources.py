@@ -22,10 +22,12 @@ moved to the scan epoch by their proper motions):
   row, and rows whose bands belong to different truth stars more than 3" apart (false
   merges; closer pairs are not resolved at the faint end and are counted apart).
 
-Magnitudes: once the night is calibrated (``run.json`` ``calibration`` is "calibrated"),
-Δm = m − m_true. Otherwise the magnitudes are instrumental and are compared through the
-truth zero points (Δm = m − (zp_inst − zp_truth) − m_true, zp_truth the mean truth zero
-point of the frames that hold the star).
+Magnitudes are compared through the true zero points, as issue 4 allows: Δm = m − (zp −
+zp_truth) − m_true, with zp_truth the mean true zero point of the frames that hold the star
+and zp the zero point the magnitudes were made with: the instrumental one, or once the night
+is calibrated (``run.json`` ``calibration`` "calibrated") the fitted one of those frames
+(``scans/<scan>/frames.parquet`` ``zp_mag``). The night calibration's own error is thereby
+left out (``gpu2mass validate`` measures it, and the calibrated Δm).
 
 Run: ``python profiling/measure_point_sources.py NIGHT OUT [--json PATH]``.
 """
@@ -100,6 +102,7 @@ def main(argv=None) -> dict:
         if not path.exists():
             continue
         pts = {k: np.asarray(v) for k, v in pq.read_table(path).to_pydict().items()}
+        out_frames = {k: np.asarray(v) for k, v in pq.read_table(path.parent / "frames.parquet").to_pydict().items()}
         geo = {b: frame_geometry_from_truth(args.night, scan["scan"], b) for b in BANDS}
         fsel = (tf["scan"] == scan["scan"])
         mjd = float(np.mean(tf["mjd"][fsel]))
@@ -119,8 +122,14 @@ def main(argv=None) -> dict:
             xs, ys = g.sky_to_pixel(np.arange(g.nframes)[:, None], ra[idx][None, :], dec[idx][None, :])
             cover = (xs > 10) & (xs < 245) & (ys > 10) & (ys < 245)
             inside = cover.sum(0) >= 3
-            # Each star's truth zero point: the mean over the frames that hold it.
+            # Each star's truth zero point, and the one its magnitude was made with: the
+            # mean over the frames that hold it.
             zp_f = tf["zp_mag"][fsel & (tf["band"] == b)][np.argsort(tf["frame"][fsel & (tf["band"] == b)])]
+            if calibrated:
+                ob = out_frames["band"] == b
+                zp_f = zp_f - out_frames["zp_mag"][ob][np.argsort(out_frames["frame"][ob])]
+            else:
+                zp_f = zp_f - zp_inst[b]
             with np.errstate(invalid="ignore"):
                 zp_star = (cover * zp_f[:, None]).sum(0) / cover.sum(0)
             idx, zp_star = idx[inside], zp_star[inside]
@@ -146,10 +155,8 @@ def main(argv=None) -> dict:
             rr = np.full(stars.size, -1)
             mcol = np.asarray(pts[f"{p}_m"], float) if f"{p}_m" in pts else None
             ccol = np.asarray(pts[f"{p}_cmsig"], float)
-            if calibrated:
-                mm[found] = mcol[j[found]] - m_true[stars][found]
-            else:
-                mm[found] = mcol[j[found]] - (zp_inst[b] - zp_star[found]) - m_true[stars][found]
+            # zp_star holds zp_truth − zp: Δm = m − (zp − zp_truth) − m_true.
+            mm[found] = mcol[j[found]] + zp_star[found] - m_true[stars][found]
             cs[found] = ccol[j[found]]
             rr[found] = rdb[j[found]]
             acc[b]["dm"].append(mm)
