@@ -214,9 +214,15 @@ def _empty_table() -> Table:
 
 def _smooth(xp, frames, mask, sigma):
     """Gaussian-filtered frames (masked pixels as 0) and the filter's noise gain."""
-    nd = get_ndimage(xp)
     clean = xp.where(mask, xp.float32(0), frames).astype(xp.float32)
-    smoothed = nd.gaussian_filter(clean, sigma=(0, sigma, sigma), mode="constant", cval=0.0)
+    if xp is np:
+        # SciPy's filter, computed the same way bit for bit, on both cores.
+        from gpu2mass.kernels.cpu.gauss import gaussian_smooth_frames
+
+        smoothed = gaussian_smooth_frames(clean, sigma)
+    else:
+        smoothed = get_ndimage(xp).gaussian_filter(clean, sigma=(0, sigma, sigma), mode="constant",
+                                                   cval=0.0)
     # The noise of a filtered white-noise image is sigma_pix * sqrt(sum K^2): filter a delta.
     size = 2 * math.ceil(4 * sigma) + 3
     delta = np.zeros((size, size))

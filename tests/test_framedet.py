@@ -336,3 +336,14 @@ def test_alpha_bisection_equals_interpolating_the_whole_curve():
     want = np.array([np.interp(-ri, -p, grid) for ri, p in zip(r, full, strict=True)])
     got = _interp_decreasing(r, lambda k: moffat_pixel_integral(-px, -py, grid[k], beta) / ee[k], grid)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("sigma", [0.85, 1.0, 1.3])
+def test_compiled_smoothing_equals_scipy_bit_for_bit(sigma):
+    """The CPU smoothing kernel is SciPy's gaussian_filter (0, σ, σ), constant mode, exactly."""
+    import scipy.ndimage as snd
+    from gpu2mass.kernels.cpu.gauss import gaussian_smooth_frames
+
+    frames = np.random.default_rng(3).normal(0.0, 10.0, (3, 40, 33)).astype(np.float32)
+    want = snd.gaussian_filter(frames, sigma=(0, sigma, sigma), mode="constant", cval=0.0)
+    np.testing.assert_array_equal(gaussian_smooth_frames(frames, sigma), want)
