@@ -32,7 +32,7 @@ import math
 
 from gpu2mass.kernels._targets import scalar
 
-__all__ = ["combine_pixel", "find_outlier"]
+__all__ = ["combine_pixel", "find_outlier", "outlier_and_mean"]
 
 
 @scalar
@@ -58,8 +58,23 @@ def find_outlier(r, c, vals, vfac, offsets, weights, boxes, reject_sigma, reject
     min_frames
         Least number of contributions for the test (≥ 2).
     """
-    if not (reject_sigma > 0.0):
-        return -1
+    k, _m, _s, _n = outlier_and_mean(r, c, vals, vfac, offsets, weights, boxes, reject_sigma,
+                                     reject_fraction, min_frames)
+    return k
+
+
+@scalar
+def outlier_and_mean(r, c, vals, vfac, offsets, weights, boxes, reject_sigma, reject_fraction,
+                     min_frames):
+    """:func:`find_outlier` and, from the same sums, the combination of every contributing
+    frame (what :func:`combine_pixel` returns where no outlier is near).
+
+    Returns
+    -------
+    (outlier, value, sigma, count)
+        The outlier's frame index or −1; the mean of all contributions (NaN if none), its
+        noise (DN) and their number. Arguments as for :func:`find_outlier`.
+    """
     num = 0.0
     den = 0.0
     var = 0.0
@@ -86,16 +101,20 @@ def find_outlier(r, c, vals, vfac, offsets, weights, boxes, reject_sigma, reject
             w_max = w
             q_max = q
             k_max = k
-    if count < min_frames or count < 2:
-        return -1
+    if count == 0:
+        return -1, math.nan, math.nan, 0
+    mean = num / den
+    sigma = math.sqrt(max(var, 0.0)) / den
+    if not (reject_sigma > 0.0) or count < min_frames or count < 2:
+        return -1, mean, sigma, count
     den_rest = den - w_max
     m_rest = (num - w_max * x_max) / den_rest
     var_rest = (var - w_max * q_max) / (den_rest * den_rest)
     thr = (reject_sigma * math.sqrt(q_max / w_max + max(var_rest, 0.0))
            + reject_fraction * abs(m_rest))
     if x_max - m_rest > thr:
-        return k_max
-    return -1
+        return k_max, mean, sigma, count
+    return -1, mean, sigma, count
 
 
 @scalar
