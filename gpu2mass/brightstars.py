@@ -17,7 +17,13 @@ brightness"). Here, per star:
    whose 8-connected group has a pixel within :attr:`~BrightStarConfig.core_search_arcsec`
    of the given position form the core; its centroid (every pixel weighted alike: a
    saturated pixel carries no flux information) is the frame's position. The median of the
-   frames' centroids in (u, v), cores touching the frame edge left out, starts the fit.
+   frames' centroids in (u, v), cores touching the frame edge left out, starts the fit and
+   anchors it: the wings refine the core's position by at most
+   :attr:`~BrightStarConfig.max_shift_arcsec` (2MASS: "position = centroid of the central
+   region above a threshold", facts sheet 3.6). The given position only finds the core: an
+   Atlas position of a saturated star, or a second detection of its wings, can be several
+   arcsec off (measured: 4–5.5" on the scan preset's Ks 3.0 star, whose fit the given
+   position used to hold 4" from the truth).
 3. **Profile samples.** Pixels within :attr:`~BrightStarConfig.fit_radius_arcsec` of the
    star that are usable (none of the R1 unusable bits: bad, R1 saturated, non-finite) and
 
@@ -146,8 +152,8 @@ BRIGHTSTAR_BITS = FlagRegistry("flags", {
         "no covering frame has a saturated core near the position: the star is not "
         "saturated in R1 (rd_flg 1 territory); the position comes from the fit alone")),
     FLAG_POSITION_BOUND: ("position_bound", (
-        "the fitted position wanted to move more than max_shift_arcsec from the given one "
-        "and was held there")),
+        "the fitted position wanted to move more than max_shift_arcsec from the saturated "
+        "core's centroid (the given position when no core was found) and was held there")),
 })
 
 
@@ -219,7 +225,8 @@ class BrightStarConfig:
     min_wing_pixels
         Fewer kept samples leave the star unmeasured (``few_pixels``) (40).
     max_shift_arcsec
-        Largest move of the fitted position from the given one (4" = 2 px).
+        Largest move of the fitted position from the saturated core's centroid, or from
+        the given position when no frame shows a core (4" = 2 px).
     max_iter
         Levenberg–Marquardt iterations per fit (30).
     tol_px
@@ -412,10 +419,12 @@ def _spike_dirs(jac, angles_deg):
 class _Fit:
     """Levenberg–Marquardt in (F, u, v, b_1..b_n) over a fixed sample set."""
 
-    def __init__(self, fr: _Frames, config: BrightStarConfig):
+    def __init__(self, fr: _Frames, config: BrightStarConfig, anchor=(0.0, 0.0)):
         self.fr = fr
         self.cfg = config
         self.nf = fr.frame.size
+        # The position the fit may move at most max_shift_arcsec from, (u, v) arcsec.
+        self.anchor = (float(anchor[0]), float(anchor[1]))
 
     def positions(self, u, v):
         j = self.fr.jac
@@ -525,9 +534,11 @@ class _Fit:
                 break
             lam = max(lam / 10.0, 1e-9)
             f, u, v, b = f + step[0], u + step[1], v + step[2], b + step[3:]
-            shift = math.hypot(u, v)
+            ua, va = self.anchor
+            shift = math.hypot(u - ua, v - va)
             if shift > cfg.max_shift_arcsec:
-                u, v = u * cfg.max_shift_arcsec / shift, v * cfg.max_shift_arcsec / shift
+                u = ua + (u - ua) * cfg.max_shift_arcsec / shift
+                v = va + (v - va) * cfg.max_shift_arcsec / shift
             t, gx, gy, w, r = state(f, u, v, b)
             if (math.hypot(step[1], step[2]) * px_per_arcsec < cfg.tol_px
                     and abs(step[0]) <= 1e-6 * abs(f)):
@@ -573,7 +584,7 @@ def _measure_star(fr: _Frames, config: BrightStarConfig, u0, v0, fit_r_px):
     res = {"flux": math.nan, "flux_err_fit": math.nan, "flux_err_scatter": math.nan,
            "u": u0, "v": v0, "nframes": 0, "npix": 0, "r_inner_px": math.nan,
            "chi2": math.nan, "flags": 0, "frames": np.zeros(0, np.int64)}
-    fit = _Fit(fr, config)
+    fit = _Fit(fr, config, anchor=(u0, v0))
     dirs = _spike_dirs(fr.jac, config.spike_position_angles_deg)
     u, v = u0, v0
     cand, r = _candidates(fr, u, v, config, fit_r_px, dirs)
@@ -639,7 +650,7 @@ def _measure_star(fr: _Frames, config: BrightStarConfig, u0, v0, fit_r_px):
                 per.append(fk)
     nfr = int((np.bincount(fr.fi[sel], minlength=fr.frame.size) > 0).sum())
     scatter = float(np.std(per, ddof=1) / math.sqrt(len(per))) if len(per) >= 2 else math.nan
-    if math.hypot(u, v) >= config.max_shift_arcsec * (1 - 1e-9):
+    if math.hypot(u - u0, v - v0) >= config.max_shift_arcsec * (1 - 1e-9):
         res["flags"] |= FLAG_POSITION_BOUND
     if nfr < config.min_frames:
         res["flags"] |= FLAG_FEW_FRAMES
@@ -744,7 +755,9 @@ def run_saturated_photometry(r1_frames, *, mask_r1, noise_r1, geometry: FrameGeo
     nstar = ra.size
     scale = geometry.band.scale_arcsec
     fit_r_px = config.fit_radius_arcsec / scale
-    h = math.ceil(fit_r_px + max(config.max_shift_arcsec / scale, 0.0) + 1)
+    # The cutouts reach the fit radius around the farthest position the fit may take: a
+    # core found within core_search_arcsec, then max_shift_arcsec of refinement.
+    h = math.ceil(fit_r_px + (config.core_search_arcsec + max(config.max_shift_arcsec, 0.0)) / scale + 1)
     src, frm, x, y = geometry.frames_holding(ra, dec, edge_px=config.edge_px)
     out = {k: np.full(nstar, math.nan) for k in
            ("flux", "flux_err", "flux_err_fit", "flux_err_scatter", "r_inner", "chi2")}
@@ -801,10 +814,9 @@ def run_saturated_photometry(r1_frames, *, mask_r1, noise_r1, geometry: FrameGeo
                      r_core=r_core, has_core=has_core, fi=np.concatenate(fi_l),
                      X=np.concatenate(X_l), Y=np.concatenate(Y_l), d=np.concatenate(d_l))
         if uv_core:
+            # The core's centroid (within core_search_arcsec of the given position, by
+            # construction) starts and anchors the fit.
             u0, v0 = np.median(np.array(uv_core), axis=0)
-            sh = math.hypot(u0, v0)
-            if sh > config.max_shift_arcsec:
-                u0, v0 = u0 * config.max_shift_arcsec / sh, v0 * config.max_shift_arcsec / sh
         else:
             u0 = v0 = 0.0
         flags = 0 if has_core.any() else FLAG_UNSATURATED

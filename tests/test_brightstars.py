@@ -46,7 +46,7 @@ from gpu2mass.brightstars import (
 )
 from gpu2mass.errors import ConfigError, InputError
 from gpu2mass.flags import RD_R1_PROFILE
-from gpu2mass.geometry import frame_geometry_from_truth, tan_project
+from gpu2mass.geometry import frame_geometry_from_truth, tan_deproject, tan_project
 
 INJECT_K = tuple(np.round(np.linspace(1.5, 4.0, 12), 2))
 #: Stars saturated in R2−R1 but not in R1 (rd_flg 1 regime), for the ``unsaturated`` bit.
@@ -210,6 +210,27 @@ def test_positions_refined_from_the_saturated_core(night, default):
     # 2MASS's goal: a few tenths of an arcsec (facts sheet 3.6). Measured: <= 0.035".
     assert np.max(after) < 0.2, after
     assert np.median(after) < 0.05, after
+
+
+def test_given_positions_beyond_max_shift_still_find_the_core(night, default):
+    """An Atlas position of a saturated star, or a second detection in its wings, can lie
+    more than ``max_shift_arcsec`` (4") from the star (the scan preset's Ks 3.0 star: 4.3"
+    and 5.5"). The core found within ``core_search_arcsec`` (6") anchors the fit, so such
+    a position gives the same flux and position as a good one; it used to be held 4" from
+    the core, where the fit failed (no measurement, a row 4" off the star)."""
+    src, bright = night["sources"], night["bright"]
+    pa = np.deg2rad(np.arange(bright.size) * 137.5)  # a different direction for each star
+    ra, dec = tan_deproject(5.0 * np.sin(pa), 5.0 * np.cos(pa), src["ra"][bright], src["dec"][bright])
+    tables, _ = default
+    for band in ("J", "H", "K"):
+        t = _measure(night, band, ra=ra, dec=dec)
+        ok = np.asarray(tables[band]["n_cover"]) > 0
+        assert np.all(np.isfinite(np.asarray(t["flux"])[ok])), (band, t["flags"])
+        dm = -2.5 * np.log10(np.asarray(t["flux"])[ok] / np.asarray(tables[band]["flux"])[ok])
+        assert np.max(np.abs(dm)) < 0.01, (band, dm)
+        xi, eta = tan_project(np.asarray(t["ra"])[ok], np.asarray(t["dec"])[ok],
+                              src["ra"][bright][ok], src["dec"][bright][ok])
+        assert np.max(np.hypot(xi, eta)) < 0.2, (band, np.hypot(xi, eta))
 
 
 # -- the rejection rules ----------------------------------------------------------------------
