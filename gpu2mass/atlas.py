@@ -603,6 +603,11 @@ def _background_offsets(xp, vals, boxes, weights, config: AtlasConfig) -> np.nda
     if not config.background_match:
         return offsets
     step = config.match_subsample
+    if xp is np:  # the same loop compiled (kernels/cpu/bgmatch.py)
+        from gpu2mass.kernels.cpu.bgmatch import background_offsets
+
+        return background_offsets(vals, np.asarray(boxes), np.asarray(weights, float), step,
+                                  config.min_overlap_pixels)
     sv = vals[:, ::step, ::step]
     num = xp.zeros(sv.shape[1:], xp.float64)
     den = xp.zeros(sv.shape[1:], xp.float64)
