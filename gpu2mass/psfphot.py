@@ -88,7 +88,11 @@ class PsfPhotConfig:
         Most frames per group (8; a scan gives 6, sometimes 7).
     max_iter, tol
         Iteration budget and convergence tolerance of the fit (kernel ``max_iter``,
-        ``tol``).
+        ``tol``: the fit stops when every Gauss-Newton step component is below ``tol``
+        times its conditional error). 0.01: a hundredth of an error bar; on the scan
+        preset's Ks sources the fluxes move by at most 0.004 σ and the positions by at most
+        0.06 σ against 0.001, with 3.7 instead of 5.3 passes per group on average (the fit
+        is a quarter faster).
     max_shift_px
         A fitted position may move at most this far (camera pixels) from the Atlas
         detection (1.5 px = 3": detections are good to a fraction of an arcsec; a member
@@ -105,7 +109,7 @@ class PsfPhotConfig:
     edge_px: float = 2.0
     max_frames: int = 8
     max_iter: int = 50
-    tol: float = 1e-3
+    tol: float = 1e-2
     max_shift_px: float = 1.5
     pixel_scale_arcsec: float = 2.0
 
