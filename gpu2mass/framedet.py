@@ -261,6 +261,7 @@ def _interp_decreasing(r, pred, grid):
     m, g = r.size, grid.size
     lo, hi = np.zeros(m, np.int64), np.full(m, g - 1)
     p_lo, p_hi = pred(lo), pred(hi)
+    first, last = p_lo, p_hi  # the curve's ends
     # Invariant inside: p[lo] >= r > p[hi]; bisect until hi = lo + 1.
     while np.any(hi - lo > 1):
         mid = (lo + hi) // 2
@@ -272,7 +273,6 @@ def _interp_decreasing(r, pred, grid):
     x, x0, x1 = -r, -p_lo, -p_hi
     with np.errstate(invalid="ignore", divide="ignore"):
         out = (grid[hi] - grid[lo]) / (x1 - x0) * (x - x0) + grid[lo]
-    first, last = pred(np.zeros(m, np.int64)), pred(np.full(m, g - 1))
     out = np.where(r >= first, grid[0], out)
     out = np.where(r <= last, grid[-1], out)
     return np.where(np.isfinite(r), out, np.nan)

@@ -45,6 +45,7 @@ from scipy.spatial import cKDTree
 
 from gpu2mass.config import RunConfig
 from gpu2mass.geometry import frame_geometry_from_truth, tan_project
+from gpu2mass.io.products import read_columns
 from gpu2mass.validate import _truth_positions as truth_positions
 
 BANDS = ("J", "H", "K")
@@ -102,7 +103,7 @@ def main(argv=None) -> dict:
         if not path.exists():
             continue
         pts = {k: np.asarray(v) for k, v in pq.read_table(path).to_pydict().items()}
-        out_frames = {k: np.asarray(v) for k, v in pq.read_table(path.parent / "frames.parquet").to_pydict().items()}
+        out_frames = read_columns(path.parent / "frames.parquet")
         geo = {b: frame_geometry_from_truth(args.night, scan["scan"], b) for b in BANDS}
         fsel = (tf["scan"] == scan["scan"])
         mjd = float(np.mean(tf["mjd"][fsel]))

@@ -28,10 +28,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from scipy.spatial import cKDTree
 
 from gpu2mass.geometry import frame_geometry_from_truth, tan_project
+from gpu2mass.io.products import read_columns
 from gpu2mass.validate import _truth_positions as truth_positions
 
 BANDS = ("J", "H", "K")
@@ -50,10 +50,6 @@ def _segment_distance(x, y, x0, y0, x1, y1):
     return np.hypot(x0 + t * dx - x, y0 + t * dy - y)
 
 
-def _read(path: Path) -> dict:
-    return {k: np.asarray(v) for k, v in pq.read_table(path).to_pydict().items()}
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("night", type=Path)
@@ -61,15 +57,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     manifest = json.loads((args.night / "night.json").read_text())
-    src = _read(args.night / "truth" / "sources.parquet")
-    tf = _read(args.night / "truth" / "frames.parquet")
-    art = _read(args.night / "truth" / "artifacts.parquet")
+    src = read_columns(args.night / "truth" / "sources.parquet")
+    tf = read_columns(args.night / "truth" / "frames.parquet")
+    art = read_columns(args.night / "truth" / "artifacts.parquet")
     rows, counts = [], collections.Counter()
     for scan in (s["scan"] for s in manifest["scans"] if s["type"] == "sci"):
         path = args.out / "scans" / f"{scan:03d}" / "pts.parquet"
         if not path.exists():
             continue
-        pts = _read(path)
+        pts = read_columns(path)
         fsel = tf["scan"] == scan
         ra, dec = truth_positions(src, {k: v[fsel] for k, v in tf.items()}, float(np.mean(tf["mjd"][fsel])))
         ra0, dec0 = float(np.median(tf["ra"][fsel])), float(np.median(tf["dec"][fsel]))
