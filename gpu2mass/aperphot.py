@@ -468,6 +468,11 @@ class CurveOfGrowth:
         (B,): the fitted Moffat parameters.
     n_stars
         (B,): stars that went into each block's curve.
+    shared
+        (B, B): fraction of the stars two blocks' curves share, ``|S_b ∩ S_c| /
+        sqrt(|S_b| |S_c|)`` (1 on the diagonal; blocks short of ``cog_min_stars`` borrow
+        their neighbours' stars, so their statistical errors are correlated). ``None``:
+        fully correlated (a correction from the PSF model).
     """
 
     radii_arcsec: np.ndarray
@@ -480,6 +485,33 @@ class CurveOfGrowth:
     alpha_arcsec: np.ndarray
     beta: np.ndarray
     n_stars: np.ndarray
+    shared: np.ndarray | None = None
+
+    def scale_error(self, weights) -> float:
+        """Fractional error of the weighted mean of the blocks' corrections: the error of
+        the photometric scale a scan gets from this curve of growth (its PSF magnitudes are
+        normalised to the standard aperture over all its stars).
+
+        The statistical part of each block's error (the 14" point of the curve) is
+        correlated between blocks through the stars they share (``shared``); the rest of
+        ``correction_err`` (the extrapolation's model error, or the PSF model's error
+        when there is no measured curve) is common to all blocks.
+
+        Parameters
+        ----------
+        weights
+            (B,) non-negative weights of the blocks (e.g. the stars normalised in each).
+        """
+        w = np.asarray(weights, float)
+        if w.shape != self.correction.shape or not np.all(w >= 0) or w.sum() <= 0:
+            raise ValueError("scale_error: weights need one non-negative value per block, not all zero")
+        w = w / w.sum()
+        rel = self.correction_err / self.correction
+        stat = np.minimum(self.curve_err[:, -1] * self.extrapolation / self.correction, rel)
+        common = np.sqrt(np.maximum(rel**2 - stat**2, 0.0))
+        shared = np.ones((w.size, w.size)) if self.shared is None else self.shared
+        var = (w * stat) @ shared @ (w * stat) + (w @ common) ** 2
+        return float(np.sqrt(var))
 
     def block_of(self, frame_mean):
         """Block index of sources with mean frame index ``frame_mean`` (NaN → 0)."""
@@ -623,6 +655,7 @@ def fit_curve_of_growth(phot: Table, *, config: AperPhotConfig = AperPhotConfig(
     alpha = np.zeros(nb)
     beta = np.zeros(nb)
     nst = np.zeros(nb, int)
+    members = np.zeros((nb, block.size))
     r_in, r_out = config.sky_inner_arcsec, config.sky_outer_arcsec
     for b in range(nb):
         width = 0
@@ -630,6 +663,7 @@ def fit_curve_of_growth(phot: Table, *, config: AperPhotConfig = AperPhotConfig(
         while sel.sum() < config.cog_min_stars and width < nb:
             width += 1
             sel = np.abs(block - b) <= width
+        members[b] = sel
         for j in range(nr):
             if j == si:
                 continue
@@ -643,8 +677,10 @@ def fit_curve_of_growth(phot: Table, *, config: AperPhotConfig = AperPhotConfig(
         corr[b] = curve[b, -1] * extra[b]
         corr_err[b] = math.hypot(cerr[b, -1] * extra[b],
                                  config.cog_extrapolation_error * (extra[b] - 1.0) * curve[b, -1])
+    size = np.sqrt(np.maximum(members.sum(1), 1.0))
+    shared = (members @ members.T) / np.outer(size, size)
     return CurveOfGrowth(radii, config.cog_block_frames, curve, cerr, corr, corr_err, extra,
-                         alpha, beta, nst)
+                         alpha, beta, nst, shared)
 
 
 def apply_curve_of_growth(phot: Table, cog: CurveOfGrowth, *,

@@ -9,11 +9,16 @@ saturated in R1 are left alone. The same here, per night and band:
 
 - :func:`repeat_residuals`: the calibration scans' calibrated ``rd_flg`` 2 measurements
   grouped into stars (each calibration field is scanned several times a night: 6 to 12
-  measurements a star), each measurement's residual from its star's weighted mean.
-- :func:`solve_error_calibration`: the correction ``cmsig = sqrt((a·σ)² + s²)`` of a raw
-  error σ, a floor ``s`` (and, where allowed, a factor ``a``; 1 by default) per band,
-  fitted so that the repeat residuals have unit robust spread in every magnitude bin
-  (:class:`ErrorCalibration`, written to ``night/errors.json``).
+  measurements a star), each scan's common offset, and each measurement's residual from
+  its star's weighted mean once its scan's offset is taken out.
+- :func:`solve_error_calibration`: per band, the correction ``cmsig = sqrt((a·σ)² + s² +
+  (k·q)²)`` of a raw error σ in a scan whose photometric scale has the quoted error q
+  (``psf_scale_err``: the normalisation's and the curve of growth's, from the scan's own
+  stars, :func:`gpu2mass.catalog.band_photometry`): a floor ``s`` fitted so that the
+  residuals have unit robust spread in every magnitude bin (and, where allowed, a factor
+  ``a``; 1 by default), and a scale factor ``k`` that makes the quoted q match the
+  scatter of the calibration scans' offsets (:class:`ErrorCalibration`, written to
+  ``night/errors.json``).
 - :func:`apply_error_calibration`: a scan's point sources with ``[jhk]_cmsig``,
   ``[jhk]_msigcom`` and ``ph_qual`` of ``rd_flg`` 2 measurements rewritten.
 
@@ -34,16 +39,24 @@ science scans' faint stars are not (their ``Δm/msigcom`` spreads against the tr
 faint science spreads to 0.87–0.99. So the factor is held at 1 by default
 (:attr:`ErrcalConfig.factor_range`) and the floor alone is fitted.
 
-What cmsig holds. The residuals are taken about each star's mean over the night's
-repeats, so they include the scan-to-scan part of the photometric scale (per-scan
-normalisation errors, transparency changes between calibration scans that the night's
-zero-point form does not follow): a single scan's measurement is off from the night's
-calibrated scale by that much, and a science scan's ``m − m_true`` shows it (the quantity
-issue 4 compares). What the repeats cannot see — the error of the night's zero point
-itself, common to all scans at one time — stays out of cmsig and is added to ``msigcom``
-by :func:`gpu2mass.photcal.apply_calibration`, as in 2MASS. The calibration scans are
-short (16–44 frames), so their normalisation rests on fewer stars than a science scan's:
-the floor is if anything conservative for 273-frame science scans.
+What cmsig holds. Two parts of the excess behave differently. The per-scan part — each
+scan's PSF → aperture normalisation and curve of growth, one value per scan and band from
+a few dozen stars — shifts all of a scan's stars together and shrinks with the scan's
+length: against the truth through the true zero points it was 2–7 mmag rms (up to 17) in
+the 16- and 44-frame calibration scans of the ci and night presets, 4–6 mmag in the ci
+preset's 60-frame science scans and 1–2 mmag in 273-frame ones. A floor fitted to
+residuals about the stars' means carried the calibration scans' share into every science
+scan (0.0035–0.0054 mag: Δm/cmsig spreads of 0.81 in the night preset's Ks). So the
+repeats' scan offsets are taken out before the floor is fitted (the floor is what
+differs from star to star: 0.5–1 mmag in the presets), and each scan gets its own scale
+error instead: the quoted q of its curve of growth and normalisation, times the factor
+k by which the calibration scans' offsets exceed their own quoted q (1.0–1.6 in the
+presets). The offsets also hold the transparency changes that the night's zero-point
+form does not follow; they count as scale error in k, on the safe side, and the night's
+zero point's own error and jitter go to ``msigcom`` by
+:func:`gpu2mass.photcal.apply_calibration`, as in 2MASS. A science scan's ``m − m_true``
+through the true zero points (issue 4's comparison) holds its scale error, and cmsig
+holds it too.
 """
 
 from __future__ import annotations
@@ -64,6 +77,7 @@ __all__ = ["BandErrors", "ErrcalConfig", "ErrorCalibration", "apply_error_calibr
            "repeat_residuals", "solve_error_calibration"]
 
 _MAD = 1.4826  # robust σ per median absolute deviation of a normal distribution
+_MAG = 2.5 / np.log(10.0)  # 1.0857: mag per unit relative flux error
 
 
 @dataclass(frozen=True)
@@ -105,6 +119,15 @@ class ErrcalConfig:
         Fewer stars with repeats in a band than this (20) or fewer than two bins: no
         correction (factor 1, floor 0) and the band is marked ``uncorrected`` with the
         reason (a night with a single calibration scan has no repeats at all).
+    remove_scan_offsets, offset_passes
+        Take each calibration scan's common offset out of its residuals (True; the median
+        residual of its stars, alternated with the stars' means ``offset_passes`` times),
+        so that the floor holds only what differs from star to star within a scan (see
+        the module notes: the scan-to-scan part is the zero point's jitter, in msigcom).
+    min_scale_scans, max_scale_factor
+        The scale factor (module notes) needs the offsets of at least this many (4)
+        calibration scans in fields scanned at least twice; it is clamped to at most
+        ``max_scale_factor`` (5).
     """
 
     match_radius_arcsec: float = 1.0
@@ -117,16 +140,21 @@ class ErrcalConfig:
     factor_range: tuple = (1.0, 1.0)
     max_floor_mag: float = 0.03
     min_stars: int = 20
+    remove_scan_offsets: bool = True
+    offset_passes: int = 4
+    min_scale_scans: int = 4
+    max_scale_factor: float = 5.0
 
     def __post_init__(self):
         lo, hi = (tuple(self.factor_range) + (None, None))[:2]
         if (self.match_radius_arcsec <= 0 or self.min_repeats < 2 or self.min_snr < 0
                 or self.bin_width_mag <= 0 or self.min_stars_bin < 1 or self.min_measurements_bin < 2
                 or self.max_weight_bin < 1 or self.max_floor_mag < 0 or self.min_stars < 1
+                or self.offset_passes < 1 or self.min_scale_scans < 2 or self.max_scale_factor < 1
                 or len(self.factor_range) != 2 or not 0 < lo <= 1 <= hi):
             raise ConfigError("errcal: match_radius_arcsec, bin_width_mag > 0; min_repeats >= 2; "
                               "min_stars, min_stars_bin, max_weight_bin >= 1; min_measurements_bin >= 2; "
-                              "min_snr, max_floor_mag >= 0; factor_range = [lo, hi] with 0 < lo <= 1 <= hi")
+                              "offset_passes >= 1; min_scale_scans >= 2; max_scale_factor >= 1; min_snr, max_floor_mag >= 0; factor_range = [lo, hi] with 0 < lo <= 1 <= hi")
 
 
 @dataclass(frozen=True)
@@ -144,20 +172,25 @@ class BandErrors:
     status: str  # "corrected" or "uncorrected" (factor 1, floor 0)
     factor: float = 1.0
     floor_mag: float = 0.0
+    scale_factor: float = 1.0
     n_stars: int = 0
     n_measurements: int = 0
     bins: tuple = ()
+    scans: tuple = ()
     note: str = ""
 
-    def cmsig(self, sigma):
-        """Corrected error (mag) of raw errors ``sigma`` (mag, any shape)."""
+    def cmsig(self, sigma, scale_err: float = 0.0):
+        """Corrected error (mag) of raw errors ``sigma`` (mag, any shape) of a scan whose
+        quoted photometric-scale error is ``scale_err`` (fractional, ``psf_scale_err``)."""
         s = np.asarray(sigma, float)
-        return np.sqrt((self.factor * s) ** 2 + self.floor_mag**2)
+        return np.sqrt((self.factor * s) ** 2 + self.floor_mag**2
+                       + (_MAG * self.scale_factor * scale_err) ** 2)
 
     def to_dict(self) -> dict:
         return {"band": self.band, "status": self.status, "factor": self.factor,
-                "floor_mag": self.floor_mag, "n_stars": self.n_stars,
-                "n_measurements": self.n_measurements, "bins": list(self.bins), "note": self.note}
+                "floor_mag": self.floor_mag, "scale_factor": self.scale_factor,
+                "n_stars": self.n_stars, "n_measurements": self.n_measurements,
+                "bins": list(self.bins), "scans": list(self.scans), "note": self.note}
 
 
 @dataclass(frozen=True)
@@ -205,8 +238,9 @@ def repeat_residuals(tables: Mapping[int, Table], band: str, config: ErrcalConfi
     dict of arrays, one entry per measurement of a usable star (``min_repeats`` scans, one
     detection per scan, median SNR ≥ ``min_snr``): ``star`` (0…n_stars−1), ``scan``, ``m``
     (mag), ``sigma`` (raw cmsig, mag), ``mean`` (the star's inverse-variance weighted mean
-    magnitude), ``resid`` (``m − mean``), ``w_frac`` (the measurement's share of its star's
-    weights, w_i/Σw).
+    magnitude), ``resid`` (``m − scan_offset − mean``), ``w_frac`` (the measurement's share
+    of its star's weights, w_i/Σw), ``scan_offset`` (mag, the offset of the measurement's
+    scan from the stars' means; 0 unless ``remove_scan_offsets``).
     """
     k = flags.BANDS.index(band)
     p = band.lower()
@@ -223,7 +257,7 @@ def repeat_residuals(tables: Mapping[int, Table], band: str, config: ErrcalConfi
         parts["snr"].append(_column(t, f"{p}_snr")[ok])
         parts["ra"].append(_column(t, "ra")[ok])
         parts["dec"].append(_column(t, "dec")[ok])
-    keys = ("star", "scan", "m", "sigma", "mean", "resid", "w_frac")
+    keys = ("star", "scan", "m", "sigma", "mean", "resid", "w_frac", "scan_offset")
     if not parts["m"] or sum(a.size for a in parts["m"]) == 0:
         return {name: np.zeros(0) for name in keys}
     a = {name: np.concatenate(v) for name, v in parts.items()}
@@ -248,12 +282,23 @@ def repeat_residuals(tables: Mapping[int, Table], band: str, config: ErrcalConfi
     if not keep.any():
         return {name: np.zeros(0) for name in keys}
     _, star = np.unique(group[keep], return_inverse=True)
+    scan = a["scan"][keep]
     m, sig = a["m"][keep], a["sigma"][keep]
     w = 1.0 / sig**2
     sw = np.bincount(star, w)
-    mean = np.bincount(star, w * m) / sw
-    return {"star": star, "scan": a["scan"][keep], "m": m, "sigma": sig, "mean": mean[star],
-            "resid": m - mean[star], "w_frac": w / sw[star]}
+    offset = np.zeros(m.size)
+    if cfg.remove_scan_offsets:
+        # Each scan's offset from the stars' means (the median residual of its stars,
+        # robust against a few bad measurements), alternated with the means: a few
+        # passes converge to well below a millimagnitude.
+        _, scan_index = np.unique(scan, return_inverse=True)
+        for _ in range(cfg.offset_passes):
+            mean = np.bincount(star, w * (m - offset)) / sw
+            r = m - mean[star]
+            offset = np.array([np.median(r[scan_index == k]) for k in range(scan_index.max() + 1)])[scan_index]
+    mean = np.bincount(star, w * (m - offset)) / sw
+    return {"star": star, "scan": scan, "m": m, "sigma": sig, "mean": mean[star],
+            "resid": m - offset - mean[star], "w_frac": w / sw[star], "scan_offset": offset}
 
 
 def _expected_sigma(rr: dict, factor: float, floor: float) -> np.ndarray:
@@ -289,7 +334,53 @@ def _bins(mean_mag: np.ndarray, star: np.ndarray, cfg: ErrcalConfig) -> list[tup
     return out
 
 
-def _solve_band(band: str, rr: dict, cfg: ErrcalConfig) -> BandErrors:
+def _scale_factor(rr: dict, quoted: Mapping[int, float], cfg: ErrcalConfig) -> tuple[float, tuple]:
+    """The factor that makes the calibration scans' quoted photometric-scale errors
+    (``psf_scale_err``) match the scatter of their offsets, and a row per scan.
+
+    A scan's offset ``o`` (mag, from :func:`repeat_residuals`) is its photometric scale's
+    error plus the night's zero-point jitter, measured against the mean of the scans that
+    share its stars (a connected set of scans: one calibration field) and with the
+    statistical error ``e`` of a median of its residuals. By moments over the sets,
+    ``k² = Σ[(o − ō)² − e²(1 − 1/n)] / Σ q²(1 − 1/n)`` with ``q`` the quoted errors (mag),
+    clamped to ``[1, max_scale_factor]`` (1: quoted errors are not shrunk; with no quoted
+    errors or fewer than ``min_scale_scans`` scans in sets of two or more, 1). The zero
+    point's jitter counts as scale error here, which errs on the safe side.
+    """
+    scans = np.unique(rr["scan"])
+    if scans.size == 0:
+        return 1.0, ()
+    # Scans linked by shared stars: one calibration field each.
+    _, si = np.unique(rr["scan"], return_inverse=True)
+    _, first = np.unique(rr["star"], return_index=True)
+    link = coo_matrix((np.ones(si.size), (si, si[first][rr["star"]])), shape=(scans.size, scans.size))
+    _, field_of = connected_components(link, directed=False)
+    rows, num, den = [], 0.0, 0.0
+    for k, scan in enumerate(scans):
+        sel = si == k
+        o = float(rr["scan_offset"][sel][0])
+        e = float(1.2533 * _robust_spread(rr["resid"][sel]) / np.sqrt(sel.sum()))
+        q = quoted.get(int(scan))
+        q_mag = _MAG * q if q is not None and np.isfinite(q) else np.nan
+        rows.append({"scan": int(scan), "field": int(field_of[k]), "offset_mag": round(o, 5),
+                     "offset_err_mag": round(e, 5), "n": int(sel.sum()),
+                     "quoted_scale_err_mag": None if not np.isfinite(q_mag) else round(q_mag, 5)})
+    n_used = 0
+    for f in np.unique(field_of):
+        members = [r for r in rows if r["field"] == f]
+        if len(members) < 2 or any(r["quoted_scale_err_mag"] is None for r in members):
+            continue
+        o = np.array([r["offset_mag"] for r in members])
+        dof = 1.0 - 1.0 / len(members)
+        num += float(np.sum((o - o.mean()) ** 2 - dof * np.array([r["offset_err_mag"] for r in members]) ** 2))
+        den += float(np.sum(dof * np.array([r["quoted_scale_err_mag"] for r in members]) ** 2))
+        n_used += len(members)
+    if n_used < cfg.min_scale_scans or den <= 0:
+        return 1.0, tuple(rows)
+    return float(np.clip(np.sqrt(max(num, 0.0) / den), 1.0, cfg.max_scale_factor)), tuple(rows)
+
+
+def _solve_band(band: str, rr: dict, cfg: ErrcalConfig, quoted: Mapping[int, float]) -> BandErrors:
     n_stars = int(rr["star"].max() + 1) if rr["star"].size else 0
     n_meas = int(rr["star"].size)
     if n_stars < cfg.min_stars:
@@ -332,6 +423,7 @@ def _solve_band(band: str, rr: dict, cfg: ErrcalConfig) -> BandErrors:
     note = ""
     if (a_lo < a_hi and not a_lo < x[0] < a_hi) or not x[1] < cfg.max_floor_mag:
         note = f"fit clamped to factor {factor:.3f}, floor {floor:.4f} mag (fit {x[0]:.3f}, {x[1]:.4f})"
+    scale_factor, scan_rows = _scale_factor(rr, quoted, cfg) if cfg.remove_scan_offsets else (1.0, ())
     raw, fitted = spreads(1.0, 0.0), spreads(factor, floor)
     table = [{"mag_lo": round(lo, 3), "mag_hi": round(hi, 3), "n": int(b.sum()),
               "n_stars": int(np.unique(rr["star"][b]).size),
@@ -339,11 +431,12 @@ def _solve_band(band: str, rr: dict, cfg: ErrcalConfig) -> BandErrors:
               "spread_raw": round(float(s0), 3), "spread": round(float(s1), 3)}
              for (lo, hi), b, s0, s1 in zip(bins, in_bin, raw, fitted, strict=True)]
     return BandErrors(band, "corrected", factor=round(factor, 4), floor_mag=round(floor, 5),
-                      n_stars=n_stars, n_measurements=n_meas, bins=tuple(table), note=note)
+                      scale_factor=round(scale_factor, 3), n_stars=n_stars, n_measurements=n_meas,
+                      bins=tuple(table), scans=scan_rows, note=note)
 
 
-def solve_error_calibration(tables: Mapping[int, Table], *, config: ErrcalConfig = ErrcalConfig()
-                            ) -> ErrorCalibration:
+def solve_error_calibration(tables: Mapping[int, Table], *, scale_errors: Mapping | None = None,
+                            config: ErrcalConfig = ErrcalConfig()) -> ErrorCalibration:
     """The night's ``rd_flg`` 2 error correction per band from its calibration scans.
 
     Parameters
@@ -351,28 +444,35 @@ def solve_error_calibration(tables: Mapping[int, Table], *, config: ErrcalConfig
     tables
         Calibration scan number → its point sources with calibrated magnitudes (see
         :func:`repeat_residuals`); empty when the night has none.
+    scale_errors
+        Calibration scan number → band → its quoted photometric-scale error
+        (``psf_scale_err``, fractional; the scan's ``photometry.json``), for the scale
+        factor; None or missing entries: the factor is 1.
 
     Returns
     -------
     :class:`ErrorCalibration`; bands without enough repeats are ``uncorrected`` (factor 1,
     floor 0) with the reason in their ``note``.
     """
-    bands = {b: _solve_band(b, repeat_residuals(tables, b, config), config) for b in flags.BANDS}
+    se = scale_errors or {}
+    bands = {b: _solve_band(b, repeat_residuals(tables, b, config), config,
+                            {int(s): (se.get(s) or {}).get(b) for s in tables})
+             for b in flags.BANDS}
     n = sum(e.status == "corrected" for e in bands.values())
     status = "corrected" if n == len(bands) else ("uncorrected" if n == 0 else "partial")
     return ErrorCalibration(status=status, bands=bands, scans=tuple(sorted(int(s) for s in tables)))
 
 
 def apply_error_calibration(pts: Table, errors: ErrorCalibration, *, systematic_mag: float,
-                            scan: int | None = None) -> Table:
+                            scale_err: Mapping | None = None, scan: int | None = None) -> Table:
     """A scan's point sources with the error calibration applied to ``rd_flg`` 2.
 
     Per band, rows with ``rd_flg`` 2 get ``[jhk]_cmsig`` = the band's correction of the
     raw error, ``[jhk]_msigcom`` = sqrt(cmsig² + ``systematic_mag``²) and their ``ph_qual``
     letter re-derived from ``[jhk]_snr`` and the new cmsig where it was A–D (E, F, U, X do
-    not depend on cmsig). The catalog step's msigcom also held the statistical error of the
-    scan's PSF normalisation; that error is part of what the repeats measure, now inside
-    cmsig, and is not added twice. Other ``rd_flg`` rows are unchanged.
+    not depend on cmsig). The catalog step's msigcom also held the scan's quoted
+    photometric-scale error; it moves into cmsig, times the band's ``scale_factor``, and is
+    not added twice. Other ``rd_flg`` rows are unchanged.
 
     Parameters
     ----------
@@ -384,6 +484,9 @@ def apply_error_calibration(pts: Table, errors: ErrorCalibration, *, systematic_
         :func:`solve_error_calibration`'s result.
     systematic_mag
         The catalog's flat-field and PSF-mismatch term (``catalog.systematic_mag``), mag.
+    scale_err
+        Band → the scan's quoted photometric-scale error (``psf_scale_err``, fractional),
+        scaled by the band's ``scale_factor`` into cmsig; None or missing: 0.
     scan
         For error messages.
 
@@ -405,7 +508,8 @@ def apply_error_calibration(pts: Table, errors: ErrorCalibration, *, systematic_
             continue
         c = _column(out, f"{p}_cmsig")
         sel = (_rd_digit(out, k) == flags.RD_PSF) & np.isfinite(c)
-        new = np.where(sel, e.cmsig(c), c)
+        q = (scale_err or {}).get(band)
+        new = np.where(sel, e.cmsig(c, q if q is not None and np.isfinite(q) else 0.0), c)
         out[f"{p}_cmsig"] = MaskedColumn(new, mask=~np.isfinite(new))
         if f"{p}_msigcom" in out.colnames:
             ms = _column(out, f"{p}_msigcom")

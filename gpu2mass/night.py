@@ -18,6 +18,7 @@ uninterrupted run writes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -254,12 +255,34 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
                           "distortion": np.asarray(g.band.distortion, float).tolist()}
                       for b, g in ((b, per_band[b][1].geometry) for b in per_band)})
     outcome.products.append(str(path.relative_to(staging)))
+    # The bands' PSF photometric scale (normalisation and curve of growth) and its error,
+    # for the night's error calibration.
+    path = _pts_inst_path(staging, info.number).parent / "photometry.json"
+    write_json(path, pts.meta.pop("photometry", {}))
+    outcome.products.append(str(path.relative_to(staging)))
     # Instrumental, scan-frame positions: the night-level steps (calibration, PosPts, PSC
     # columns) turn them into scans/<scan>/pts.parquet once every scan is done.
     path = _pts_inst_path(staging, info.number)
     products.write_table(path, pts)
     outcome.products.append(str(path.relative_to(staging)))
     return {k: (np.concatenate(v) if k != "band" else v) for k, v in table.items()}
+
+
+def _read_scale_errors(root: Path, scan: int) -> dict:
+    """Band → the scan's quoted PSF photometric-scale error (fractional; None where the
+    scan had no normalisation), from its ``photometry.json`` working file. A scan
+    processed before that file existed (resumed) gets none: its cmsig then lacks the
+    scale error, which the log says."""
+    path = _pts_inst_path(root, scan).parent / "photometry.json"
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        log.warning("scan %d: %s is missing (processed by an older version): its cmsig holds no "
+                    "photometric-scale error; re-run the scan without --resume to add it", scan, path)
+        return {}
+    except (OSError, ValueError) as exc:
+        raise StepError(f"night: {path}: cannot read the scan's photometric scale ({exc})") from exc
+    return {band: v.get("psf_scale_err") for band, v in info.items()}
 
 
 def _pts_inst_path(root: Path, scan: int) -> Path:
@@ -308,6 +331,7 @@ def _point_sources(night: Night, info, per_band, images, noises, mjd_mid: float,
     ra0 = float(np.median(np.concatenate([per_band[b][1].geometry.ra for b in per_band])))
     dec0 = float(np.median(np.concatenate([per_band[b][1].geometry.dec for b in per_band])))
     bands = {}
+    scale = {}  # per band: the PSF photometric scale and its error (photometry.json)
     for band, (cal, reg, tr, det, _det_r1) in per_band.items():
         xp = backend.get_namespace(cal.r2r1)
         geo = reg.geometry
@@ -370,8 +394,12 @@ def _point_sources(night: Night, info, per_band, images, noises, mjd_mid: float,
                     psf_beta=model.beta, config=replace(cfg.brightstars,
                                                         gain_e_per_dn=float(inst.gain_e_per_dn[band])))
                 sat_fit["index"] = rows
-        bp = band_photometry(psf, aper, r1=r1, saturated_fit=sat_fit, zp=zp, band=band,
+        bp = band_photometry(psf, aper, r1=r1, saturated_fit=sat_fit, zp=zp, band=band, cog=cog,
                              config=cfg.catalog)
+        scale[band] = {k: (float(bp.meta[k]) if np.isfinite(bp.meta[k]) else None)
+                       for k in ("psf_norm", "psf_norm_err", "psf_norm_n", "psf_error_floor", "psf_scale_err")}
+        scale[band]["cog_correction_mean"] = float(np.mean(cog.correction))
+        scale[band]["cog_stars"] = int(np.max(cog.n_stars)) if cog.n_stars.size else 0
         xs, ys = tan_project(np.asarray(bp["ra"]), np.asarray(bp["dec"]), ra0, dec0)
         bp["x_scan"], bp["y_scan"] = xs, ys
         # Position errors: the fit's, with a floor for the registration: frame centres are
@@ -415,6 +443,7 @@ def _point_sources(night: Night, info, per_band, images, noises, mjd_mid: float,
         flagged = run_artifacts(pts, geometries={b: per_band[b][1].geometry for b in per_band},
                                 config=cfg.artifacts)
         pts["cc_flg"] = flagged["cc_flg"]
+    pts.meta["photometry"] = scale
     return pts
 
 
@@ -521,6 +550,7 @@ def _night_steps(out_dir: Path, night: Night, outcomes: list[ScanOutcome], cfg: 
     with timer("night_read"):
         pts = {s: products.read_table(_pts_inst_path(out_dir, s)) for s in done}
         frames = {s: products.read_columns(products.scan_dir(out_dir, s) / "frames.parquet") for s in done}
+        scale_errors = {s: _read_scale_errors(out_dir, s) for s in done}
     with timer("photcal"):
         matches = [calibration_matches(pts[s], frames[s], night.standards, scan=s, field=info[s].field,
                                        zp_inst=zp_inst, config=cfg.photcal)
@@ -530,7 +560,8 @@ def _night_steps(out_dir: Path, night: Night, outcomes: list[ScanOutcome], cfg: 
     with timer("errcal"):
         # rd_flg 2 cmsig from the calibration fields' repeats, on their calibrated magnitudes.
         errors = solve_error_calibration({s: apply_calibration(pts[s], frames[s], calibration)
-                                          for s in done if info[s].type == "cal"}, config=cfg.errcal)
+                                          for s in done if info[s].type == "cal"},
+                                         scale_errors=scale_errors, config=cfg.errcal)
         write_json(Path(out_dir) / "night" / "errors.json", errors.to_dict())
     with timer("pospts"):
         def reference(ra_range, dec_range, epoch_jyear):
@@ -545,7 +576,8 @@ def _night_steps(out_dir: Path, night: Night, outcomes: list[ScanOutcome], cfg: 
         rows = {}
         for s in done:
             t = apply_error_calibration(astrometry.apply(s, pts[s]), errors,
-                                        systematic_mag=cfg.catalog.systematic_mag, scan=s)
+                                        systematic_mag=cfg.catalog.systematic_mag,
+                                        scale_err=scale_errors[s], scan=s)
             t = apply_calibration(t, frames[s], calibration)
             rows[s] = finalize_point_sources(
                 t, scan=s, night_date=night.night.isoformat(), observatory=night.observatory,

@@ -22,6 +22,7 @@ from gpu2mass.kernels.aperture import aperture_photometry
 from gpu2mass.aperphot import (
     FLAG_NONE_MEASURED,
     AperPhotConfig,
+    CurveOfGrowth,
     apply_curve_of_growth,
     fit_curve_of_growth,
     moffat_aperture_fraction,
@@ -226,6 +227,39 @@ def test_curve_of_growth_matches_the_true_psf(night, band):
         assert abs(cog.curve[blk, -1] - f[-1] / f[b["cfg"].standard_index]) <= max(
             3 * cog.curve_err[blk, -1], 0.01)
         assert 1.0 < cog.extrapolation[blk] < 1.02
+
+
+def test_curve_of_growth_scale_error_follows_shared_stars():
+    """The scan's scale error from the blocks' corrections: independent blocks average
+    down, blocks with the same stars do not, the extrapolation part is common."""
+    nb, nr = 4, 12
+    corr = np.full(nb, 1.05)
+    stat = 0.004  # fractional, the 14" point's
+    curve_err = np.zeros((nb, nr))
+    curve_err[:, -1] = stat * corr  # extrapolation 1: curve_err × extra / corr = stat
+    common = 0.001
+
+    def cog(shared):
+        return CurveOfGrowth(np.arange(3.0, 15.0), 12, np.ones((nb, nr)), curve_err, corr,
+                             corr * np.hypot(stat, common), np.ones(nb), np.ones(nb), np.full(nb, 2.5),
+                             np.full(nb, 6), shared)
+
+    w = np.ones(nb)
+    assert cog(np.eye(nb)).scale_error(w) == pytest.approx(np.hypot(stat / 2, common))
+    assert cog(np.ones((nb, nb))).scale_error(w) == pytest.approx(np.hypot(stat, common))
+    assert cog(None).scale_error(w) == pytest.approx(np.hypot(stat, common))
+    # All the weight on one block: its own error.
+    assert cog(np.eye(nb)).scale_error([0, 0, 3, 0]) == pytest.approx(np.hypot(stat, common))
+    with pytest.raises(ValueError):
+        cog(None).scale_error(np.zeros(nb))
+
+
+@pytest.mark.parametrize("band", ["K"])
+def test_curve_of_growth_shared_stars_matrix(night, band):
+    shared = _band(night, band)["cog"].shared
+    assert shared.shape == (_band(night, band)["cog"].correction.size,) * 2
+    assert np.allclose(np.diag(shared), 1.0) and np.allclose(shared, shared.T)
+    assert np.all((shared >= 0) & (shared <= 1 + 1e-12))
 
 
 @pytest.mark.parametrize("band", ["K", "J", "H"])
