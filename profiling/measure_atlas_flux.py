@@ -19,6 +19,13 @@ the annulus median times the aperture area (``π/2 · NCORFAC² · mean SIGMA² 
 n_aperture²``). The photon and annulus terms add ~30 % to the background's variance at
 SNR 100–300.
 
+The background's part is also measured as it is: the robust scatter of the same aperture
+minus annulus sum at random blank positions of each image (no truth source brighter than
+15 mag within 40", the truth light of fainter ones taken out), which holds what the
+``SIGMA`` extension does not (airglow structure within the 40" annulus, residual steps of
+the background matching); the scatter is given in units of that noise too. With 25–90
+stars a band, robust spreads of these ratios are uncertain by 8–20 %.
+
 Isolated: no other truth source within 40" brighter than 5 mag below the star (its light
 in the aperture or the annulus would exceed ~1 %), and no truth artifact other than the
 star's own spikes and cosmic rays (row stripes and spikes of saturated stars, persistence
@@ -28,7 +35,7 @@ their light: the ratio is also given against the truth flux of the star plus the
 every other truth source's light (point-source Moffat of the same seeing) that falls in
 the aperture, which is what a perfect coadd would hold; the scatters are those of this
 ratio. Unsaturated: fainter than the R2−R1 saturation limit + 0.5 mag; bright enough that
-the background noise is < 1 % (SNR > 100 in 14").
+the background noise is < 1 % (SNR > 100 in 14", ``MAX_BACKGROUND_NOISE``).
 
 Run: ``python profiling/measure_atlas_flux.py NIGHT OUT [--json PATH]``.
 """
@@ -53,6 +60,8 @@ MAG = {"J": "j_m", "H": "h_m", "K": "k_m"}
 SATURATED = {"J": 9.0, "H": 8.5, "K": 8.0}  # docs/simulator.md: R2−R1 saturation
 APERTURE, ANNULUS = 14.0, (20.0, 40.0)
 BETA = 2.5
+#: Stars whose background noise in the aperture exceeds this fraction of their flux are left out.
+MAX_BACKGROUND_NOISE = 0.01
 
 
 def _grid(h) -> AtlasGrid:
@@ -97,6 +106,40 @@ def _own_spikes(band, mag, flux, fx, fy, rot_deg, sky_sigma, radius_px, nx, ny) 
     return float(np.mean(total))
 
 
+def _blank_sky_scatter(data, x, y, m_all, alpha, zp, rng, n_try=400):
+    """Robust scatter (DN) of the aperture-minus-annulus sum at random positions of an
+    Atlas Image away from bright sources (no truth source brighter than 15 mag within 40"),
+    less the truth light of the fainter sources in the aperture: the background's part of
+    a star's measurement as it is, sky structure (airglow) and the annulus median
+    included. ``x``, ``y``: the truth sources' pixel positions on the image."""
+    ny, nx = data.shape
+    yy, xx = np.mgrid[0:83, 0:83]
+    fin = np.isfinite(m_all)
+    bright = fin & (m_all < 15.0) & (x > -45) & (x < nx + 45) & (y > -45) & (y < ny + 45)
+    faint = fin & ~bright & (x > -60) & (x < nx + 60) & (y > -60) & (y < ny + 60)
+    out = []
+    for _ in range(n_try):
+        cx, cy = rng.uniform(45, nx - 45), rng.uniform(45, ny - 45)
+        if np.any(np.hypot(x[bright] - cx, y[bright] - cy) < 40.0):
+            continue
+        r0, c0 = int(cy) - 41, int(cx) - 41
+        sub = data[r0:r0 + 83, c0:c0 + 83]
+        r = np.hypot(xx + c0 - cx, yy + r0 - cy)
+        ap_, ann = r < APERTURE, (r > ANNULUS[0]) & (r < ANNULUS[1])
+        ann_ok = ann & np.isfinite(sub)
+        if not np.all(np.isfinite(sub[ap_])) or ann_ok.sum() < 0.8 * ann.sum():
+            continue
+        flux = float(np.sum(sub[ap_] - np.median(sub[ann_ok])))
+        extra = 0.0
+        for j in np.flatnonzero(faint & (np.hypot(x - cx, y - cy) < APERTURE + 9)):
+            rr2 = (xx + c0 - x[j]) ** 2 + (yy + r0 - y[j]) ** 2
+            dens = (BETA - 1) / (np.pi * alpha**2) * (1 + rr2 / alpha**2) ** -BETA
+            extra += 10.0 ** (-0.4 * (m_all[j] - zp)) * float(dens[ap_].sum())
+        out.append(flux - extra)
+    out = np.asarray(out)
+    return float(1.4826 * np.median(np.abs(out - np.median(out)))) if out.size >= 30 else np.nan
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("night", type=Path)
@@ -114,7 +157,8 @@ def main(argv=None) -> dict:
     for band in inst["bands"]:
         m_all = src[MAG[band]]
         gain, read_noise = inst["gain_e_per_dn"][band], inst["read_noise_e"][band]
-        ratios, ratios_all, expected = [], [], []
+        ratios, ratios_all, expected, expected_blank, mags = [], [], [], [], []
+        rng = np.random.default_rng(0)
         for scan in (s for s in manifest["scans"] if s["type"] in ("sci", "cal")):
             geo = frame_geometry_from_truth(args.night, scan["scan"], band)
             nx, ny, scale = geo.band.nx, geo.band.ny, geo.band.scale_arcsec
@@ -130,6 +174,7 @@ def main(argv=None) -> dict:
                     data, sigma = h[0].data.astype(float), h["SIGMA"].data.astype(float)
                     grid, k = _grid(h[0].header), h[0].header["NCORFAC"]
                 x, y = grid.sky_to_pixel(src["ra"], src["dec"])
+                blank = None  # the image's blank-sky scatter, measured on its first star
                 on = (x > 45) & (x < grid.nx - 45) & (y > 45) & (y < grid.ny - 45) & np.isfinite(m_all)
                 cand = np.flatnonzero(on & (src["kind"] == "star") & (m_all > SATURATED[band] + 0.5))
                 near_all = np.flatnonzero(on | ((x > 0) & (x < grid.nx) & (y > 0) & (y < grid.ny)))
@@ -158,7 +203,7 @@ def main(argv=None) -> dict:
                     zp = zp_f[cover].mean()
                     total = 10.0 ** (-0.4 * (m_all[i] - zp))
                     truth = total * moffat_enclosed_fraction(APERTURE, alpha, BETA)
-                    if noise_bg / truth > 0.01:
+                    if noise_bg / truth > MAX_BACKGROUND_NOISE:
                         continue
                     reach = ANNULUS[1] / scale + 2.0
                     if _on_artifact(art, src["id"][i], fx, fy, cover, reach):
@@ -180,9 +225,13 @@ def main(argv=None) -> dict:
                         rr2 = (xx[:83, :83] + c0 - x[j]) ** 2 + (yy[:83, :83] + r0 - y[j]) ** 2
                         dens = (BETA - 1) / (np.pi * alpha**2) * (1 + rr2 / alpha**2) ** -BETA
                         extra += 10.0 ** (-0.4 * (m_all[j] - zp)) * float(dens[ap_].sum())
+                    if blank is None:
+                        blank = _blank_sky_scatter(data, x, y, np.asarray(m_all, float), alpha, zp, rng)
                     ratios.append(flux / truth)
                     ratios_all.append(flux / (truth + extra))
                     expected.append(noise / (truth + extra))
+                    expected_blank.append(np.sqrt(blank**2 + var_star) / (truth + extra))
+                    mags.append(float(m_all[i]))
         r = np.array(ratios)
         ra_ = np.array(ratios_all)
         e = np.array(expected)
@@ -192,15 +241,22 @@ def main(argv=None) -> dict:
         med = float(np.median(ra_))
         mad = 1.4826 * np.median(np.abs(ra_ - med))
         norm = 1.4826 * np.median(np.abs(ra_ - med) / e)
+        eb = np.array(expected_blank)
+        norm_blank = 1.4826 * np.nanmedian(np.abs(ra_ - med) / eb)
         result[band] = {"n": int(r.size), "median_ratio": float(np.median(r)),
                         "median_ratio_with_neighbours": med,
                         "median_error": float(1.2533 * mad / np.sqrt(r.size)),
                         "robust_scatter": float(mad), "expected_scatter": float(np.median(e)),
-                        "normalised_scatter": float(norm)}
+                        "normalised_scatter": float(norm),
+                        "expected_scatter_blank_sky": float(np.nanmedian(eb)),
+                        "normalised_scatter_blank_sky": float(norm_blank),
+                        "stars": [{"m": m_, "ratio": float(q_), "noise": float(e_), "noise_blank_sky": float(b_)}
+                                  for m_, q_, e_, b_ in zip(mags, ra_, e, eb, strict=True)]}
         print(f"{band}: {r.size} star images, median ratio {np.median(r):.4f}; with the fainter "
               f"sources' light in the truth {med:.4f} ± {result[band]['median_error']:.4f}, "
               f"robust scatter {mad:.4f} (noise {np.median(e):.4f}), in units of each star's "
-              f"noise {norm:.2f}")
+              f"noise {norm:.2f}; with the background's scatter measured on blank sky "
+              f"(noise {np.nanmedian(eb):.4f}) {norm_blank:.2f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return result
