@@ -25,6 +25,7 @@ def _inputs(rng, n=40):
 def test_regimes_and_normalisation(rng):
     psf, aper = _inputs(rng)
     psf["status"][3] = 16  # no data: the 4" aperture (rd_flg 4)
+    psf["status"][5] = 48  # no frame holds it inside the array's edge: no measurement (rd_flg 9)
     aper["n_sat"][-3:] = 2  # saturated in R2-R1: R1 photometry for two, nothing for one
     r1 = Table({"index": [37, 38], "r1_status": [1, 1], "flux_stdap": [3e5, 4e5],
                 "flux_stdap_err": [3e3, 4e3]})
@@ -33,6 +34,7 @@ def test_regimes_and_normalisation(rng):
     assert abs(t.meta["psf_norm"] - 1 / 0.9) < 0.003
     rd = np.asarray(t["rd_flg"])
     assert rd[3] == 4 and list(rd[-3:]) == [1, 1, 3] and np.all(rd[[0, 1, 2, 10, 20]] == 2)
+    assert rd[5] == 9 and not np.isfinite(t["m"][5]) and not np.isfinite(t["snr"][5])
     # PSF magnitudes land on the standard-aperture scale.
     ok = rd == 2
     np.testing.assert_allclose(t["m"][ok], 20.0 - 2.5 * np.log10(aper["flux_stdap"][ok]), atol=0.01)
@@ -40,7 +42,7 @@ def test_regimes_and_normalisation(rng):
     assert t["dec"][-1] == 0.2 and not t["duplicate"].any()  # the profile fit's position
     # ph_qual follows the SNR: the faintest are C/D, the bright ones A; rd_flg 4 is E.
     assert t["ph_qual"][3] == "E" and t["ph_qual"][20] == "A"
-    assert set(t["bl_flg"]) <= set("1")
+    assert set(np.asarray(t["bl_flg"])[rd != 9]) <= set("1") and t["bl_flg"][5] == "0"
 
 
 def test_merged_rows(rng):
