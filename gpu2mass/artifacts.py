@@ -44,7 +44,7 @@ host NumPy; the work per scan is a few k-d tree queries per parent.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from astropy.table import Table
@@ -103,6 +103,9 @@ ARTIFACT_BITS = flags.FlagRegistry("art", {
 })
 
 _ARCSEC_RAD = np.pi / 180 / 3600
+#: rd_flg 9 rows this close to the scan's edges (") are detections no frame held inside
+#: the array's 2-pixel edge margin (gpu2mass.catalog), not saturated stars.
+EDGE_UNMEASURED_ARCSEC = 5.0
 
 
 @dataclass(frozen=True)
@@ -596,6 +599,7 @@ def _letters(fl: _Flags, det: np.ndarray, previous: np.ndarray):
 
 
 def run_artifacts(pts: Table, *, geometries: Mapping[str, FrameGeometry],
+                  saturated: Mapping[str, np.ndarray] | None = None,
                   config: ArtifactConfig = ArtifactConfig()) -> Table:
     """Bright-star artifact flags of one scan's point sources (see the module docstring).
 
@@ -611,6 +615,13 @@ def run_artifacts(pts: Table, *, geometries: Mapping[str, FrameGeometry],
         Band → the scan's :class:`~gpu2mass.geometry.FrameGeometry` (frame 0 defines the
         ``[jhk]_x``/``[jhk]_y`` system). A band without one keeps its letters and gets
         no artifact flags.
+    saturated
+        Band → bool (n,): the row's detection is saturated in a covering R2−R1 frame. Given,
+        only those ``rd_flg`` 9 rows are parents as bright as an R1-saturated star; the
+        others (no frame held them inside the array's edge margin) are unmeasured
+        detections like ``rd_flg`` 6. None: from the catalog columns, ``rd_flg`` 9 rows
+        within ``EDGE_UNMEASURED_ARCSEC`` of the scan's edges (``dist_edge_ew``,
+        ``dist_edge_ns``, where they exist) are the edges', the others saturated.
     config
         :class:`ArtifactConfig`.
 
@@ -644,6 +655,14 @@ def run_artifacts(pts: Table, *, geometries: Mapping[str, FrameGeometry],
             out[f"{p}_parent"] = np.full(n, -1, np.int64)
             continue
         b = _band_data(pts, band, geo)
+        if saturated is not None and band in saturated:
+            sat = np.asarray(saturated[band], bool)
+        elif saturated is None and {"dist_edge_ew", "dist_edge_ns"} <= set(pts.colnames):
+            edge = np.fmin(_float(pts["dist_edge_ew"]), _float(pts["dist_edge_ns"]))
+            sat = ~(edge <= EDGE_UNMEASURED_ARCSEC)
+        else:
+            sat = np.ones(n, bool)
+        b = replace(b, rd=np.where((b.rd == "9") & ~sat, "6", b.rd))
         fl = _band_artifacts(b, geo, band, cfg)
         letter, parent = _letters(fl, b.det, prev)
         per_band_letter.append(letter)

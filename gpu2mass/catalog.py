@@ -119,7 +119,8 @@ def band_photometry(psf: Table, aper: Table, *, r1: Table | None = None, saturat
     ``flux_err`` (DN, the default measurement), ``m``, ``cmsig``, ``msigcom``, ``snr``,
     ``psfchi``, ``m_stdap``, ``msig_stdap``, ``rd_flg``, ``bl_flg`` (digit), ``ph_qual``,
     ``ndet`` ("NM"), ``n_det``, ``n_meas``, ``psf_flux``, ``psf_flux_err``, ``psf_status``,
-    ``duplicate`` (True: a second detection of a star saturated in R1; the caller drops it).
+    ``duplicate`` (True: a second detection of a star saturated in R1; the caller drops it),
+    ``saturated`` (saturated in a covering R2−R1 frame).
     ``meta["psf_norm"]``, ``meta["psf_norm_err"]``, ``meta["psf_norm_n"]``: the ratio of
     standard-aperture to PSF flux, its error and the number of stars; ``meta["psf_error_floor"]``:
     the scatter of PSF vs aperture fluxes of those stars beyond their errors (PSF-model
@@ -253,6 +254,7 @@ def band_photometry(psf: Table, aper: Table, *, r1: Table | None = None, saturat
     out["n_det"], out["n_meas"] = n_det, n_meas
     out["psf_flux"], out["psf_flux_err"], out["psf_status"] = pf, pe, st
     out["duplicate"] = duplicate
+    out["saturated"] = sat
     out.meta.update(psf_norm=norm, psf_norm_err=norm_err, psf_norm_n=int(ratio.size),
                     psf_error_floor=floor, psf_scale_err=scale_err)
     assert len(out) == n

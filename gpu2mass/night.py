@@ -440,8 +440,14 @@ def _point_sources(night: Night, info, per_band, images, noises, mjd_mid: float,
     with timer("artifacts"):
         # Bright-star artifacts: spikes, persistence ghosts, stripes, halos (cc_flg letters;
         # upper case marks detections that are the artifact itself).
+        # rd_flg 9 is a saturated star or a detection at the array's edge: which is which.
+        saturated = {}
+        for b, t in bands.items():
+            idx = np.asarray(merged[f"{b.lower()}_idx"], np.int64)
+            sat = np.asarray(t["saturated"], bool)
+            saturated[b] = np.where(idx >= 0, sat[np.maximum(idx, 0)], False)
         flagged = run_artifacts(pts, geometries={b: per_band[b][1].geometry for b in per_band},
-                                config=cfg.artifacts)
+                                saturated=saturated, config=cfg.artifacts)
         pts["cc_flg"] = flagged["cc_flg"]
     pts.meta["photometry"] = scale
     return pts

@@ -165,6 +165,27 @@ def test_letters_geometry_and_bandmerge_b():
         run_artifacts(t[["j_m", "rd_flg"]], geometries={"J": geo})
 
 
+def test_rd9_is_a_parent_only_when_saturated():
+    """rd_flg 9 without a magnitude: a saturated star is a parent (its ghost one frame
+    step along the scan is 'P'); a detection at the array's edge is not."""
+    geo = _toy_geometry()
+    step_px = 82.8 / 2.0
+    rows = [
+        (128.0, 100.0, (np.nan, np.nan, np.nan), "999", "000"),          # 0 rd_flg 9
+        (128.0, 100.0 + step_px, (12.0, 11.6, 11.5), "222", "000"),      # 1 at its ghost place
+    ]
+    t = _toy_table(geo, rows)
+    for b in "jhk":
+        t[f"{b}_m"] = MaskedColumn(np.asarray(t[f"{b}_m"], float), mask=[True, False])
+    geos = {b: geo for b in BANDS}
+    assert list(run_artifacts(t, geometries=geos)["cc_flg"]) == ["000", "PPP"]
+    sat = {b: np.array([True, False]) for b in BANDS}
+    assert list(run_artifacts(t, geometries=geos, saturated=sat)["cc_flg"]) == ["000", "PPP"]
+    edge = {b: np.array([False, False]) for b in BANDS}
+    res = run_artifacts(t, geometries=geos, saturated=edge)
+    assert list(res["cc_flg"]) == ["000", "000"] and not res["j_art"][0] & ART_PARENT
+
+
 def test_persistence_ghosts_are_where_the_simulator_put_them(processed):
     """Every truth persistence row lies at a predicted ghost of its parent (same frame,
     < 0.3"), and the ghosts sit at whole frame steps (82.8") along the scan."""
