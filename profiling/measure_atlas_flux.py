@@ -24,7 +24,8 @@ minus annulus sum at random blank positions of each image (no truth source brigh
 15 mag within 40", the truth light of fainter ones taken out), which holds what the
 ``SIGMA`` extension does not (airglow structure within the 40" annulus, residual steps of
 the background matching); the scatter is given in units of that noise too. With 25–90
-stars a band, robust spreads of these ratios are uncertain by 8–20 %.
+stars a band, robust spreads of these ratios are uncertain by 8–20 %: the script gives
+each spread's 16–84 % bootstrap range.
 
 Isolated: no other truth source within 40" brighter than 5 mag below the star (its light
 in the aperture or the annulus would exceed ~1 %), and no truth artifact other than the
@@ -157,7 +158,7 @@ def main(argv=None) -> dict:
     for band in inst["bands"]:
         m_all = src[MAG[band]]
         gain, read_noise = inst["gain_e_per_dn"][band], inst["read_noise_e"][band]
-        ratios, ratios_all, expected, expected_blank, mags = [], [], [], [], []
+        ratios, ratios_all, expected, expected_blank, mags, where = [], [], [], [], [], []
         rng = np.random.default_rng(0)
         for scan in (s for s in manifest["scans"] if s["type"] in ("sci", "cal")):
             geo = frame_geometry_from_truth(args.night, scan["scan"], band)
@@ -172,6 +173,7 @@ def main(argv=None) -> dict:
             for path in sorted((args.out / "atlas").glob(f"{band.lower()}_{scan['scan']:03d}_*.fits")):
                 with fits.open(path) as h:
                     data, sigma = h[0].data.astype(float), h["SIGMA"].data.astype(float)
+                    coverage = h["COVERAGE"].data.astype(float)
                     grid, k = _grid(h[0].header), h[0].header["NCORFAC"]
                 x, y = grid.sky_to_pixel(src["ra"], src["dec"])
                 blank = None  # the image's blank-sky scatter, measured on its first star
@@ -232,6 +234,10 @@ def main(argv=None) -> dict:
                     expected.append(noise / (truth + extra))
                     expected_blank.append(np.sqrt(blank**2 + var_star) / (truth + extra))
                     mags.append(float(m_all[i]))
+                    where.append({"image": path.stem, "x": float(x[i]), "y": float(y[i]),
+                                  "nframes": int(cover.sum()), "fwhm": fwhm,
+                                  "coverage": float(np.mean(coverage[r0:r0 + 83, c0:c0 + 83][ap_])),
+                                  "coverage_core": float(np.mean(coverage[r0:r0 + 83, c0:c0 + 83][r < 4.0]))})
         r = np.array(ratios)
         ra_ = np.array(ratios_all)
         e = np.array(expected)
@@ -243,6 +249,11 @@ def main(argv=None) -> dict:
         norm = 1.4826 * np.median(np.abs(ra_ - med) / e)
         eb = np.array(expected_blank)
         norm_blank = 1.4826 * np.nanmedian(np.abs(ra_ - med) / eb)
+        # The robust spreads' own uncertainty: 16-84 % range over bootstrap resamples.
+        boot = np.random.default_rng(1).integers(0, ra_.size, (2000, ra_.size))
+        dev = ra_[boot] - np.median(ra_[boot], axis=1, keepdims=True)
+        ci = np.percentile(1.4826 * np.median(np.abs(dev) / e[boot], axis=1), [16, 84])
+        ci_blank = np.percentile(1.4826 * np.nanmedian(np.abs(dev) / eb[boot], axis=1), [16, 84])
         result[band] = {"n": int(r.size), "median_ratio": float(np.median(r)),
                         "median_ratio_with_neighbours": med,
                         "median_error": float(1.2533 * mad / np.sqrt(r.size)),
@@ -250,13 +261,16 @@ def main(argv=None) -> dict:
                         "normalised_scatter": float(norm),
                         "expected_scatter_blank_sky": float(np.nanmedian(eb)),
                         "normalised_scatter_blank_sky": float(norm_blank),
-                        "stars": [{"m": m_, "ratio": float(q_), "noise": float(e_), "noise_blank_sky": float(b_)}
-                                  for m_, q_, e_, b_ in zip(mags, ra_, e, eb, strict=True)]}
+                        "normalised_scatter_68": ci.tolist(),
+                        "normalised_scatter_blank_sky_68": ci_blank.tolist(),
+                        "stars": [{"m": m_, "ratio": float(q_), "noise": float(e_), "noise_blank_sky": float(b_), **w_}
+                                  for m_, q_, e_, b_, w_ in zip(mags, ra_, e, eb, where, strict=True)]}
         print(f"{band}: {r.size} star images, median ratio {np.median(r):.4f}; with the fainter "
               f"sources' light in the truth {med:.4f} ± {result[band]['median_error']:.4f}, "
               f"robust scatter {mad:.4f} (noise {np.median(e):.4f}), in units of each star's "
-              f"noise {norm:.2f}; with the background's scatter measured on blank sky "
-              f"(noise {np.nanmedian(eb):.4f}) {norm_blank:.2f}")
+              f"noise {norm:.2f} (68 %: {ci[0]:.2f}-{ci[1]:.2f}); with the background's scatter "
+              f"measured on blank sky (noise {np.nanmedian(eb):.4f}) {norm_blank:.2f} "
+              f"({ci_blank[0]:.2f}-{ci_blank[1]:.2f})")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return result
