@@ -13,8 +13,10 @@ moved to the scan epoch by their proper motions):
   a pair that the detection does not split is one real detection at its photocentre,
   which can lie more than 2" from both); over all rows, and over the rows of the PSC's
   area (selection rule 1: more than 10" from the scan's edges, ``dist_edge_ns`` and
-  ``dist_edge_ew``), where 2MASS quoted its reliability and where the scan ends' single
-  frames, which nothing can confirm, are left out;
+  ``dist_edge_ew``), and over the rows the PSC selection keeps (rules 1–6, which add
+  ``psfchi`` < 10 and the frame statistics of ``ndet``: 2MASS quoted its reliability for
+  the catalog, and the frame statistics are its rule against single-frame detections that
+  nothing can confirm: near the scan ends one frame alone holds the sky for ~80");
 - photometry of unsaturated stars from the R2−R1 saturation limit to 2 mag above the 10σ
   limit (J 9.0–13.8, H 8.5–13.1, Ks 8.0–12.3): median Δm, robust scatter, median ``cmsig``,
   robust spread of Δm / cmsig; the same for ``rd_flg`` 1 (R1) and 3 (saturated in R1);
@@ -41,11 +43,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from gpu2mass.config import RunConfig
 from gpu2mass.geometry import frame_geometry_from_truth, tan_project
 from gpu2mass.io.products import read_columns
+from gpu2mass.psc import psc_selection
 from gpu2mass.validate import _truth_positions as truth_positions
 
 BANDS = ("J", "H", "K")
@@ -94,7 +98,7 @@ def main(argv=None) -> dict:
     calibrated = run.get("calibration") == "calibrated"
     src = {k: np.asarray(v) for k, v in pq.read_table(args.night / "truth" / "sources.parquet").to_pydict().items()}
     tf = {k: np.asarray(v) for k, v in pq.read_table(args.night / "truth" / "frames.parquet").to_pydict().items()}
-    acc = {b: {"m_true": [], "found": [], "dm": [], "cmsig": [], "rd": [], "rel": [], "rel_psc": [],
+    acc = {b: {"m_true": [], "found": [], "dm": [], "cmsig": [], "rd": [], "rel": [], "rel_psc": [], "rel_sel": [],
                "n3": 0, "one_row": 0} for b in BANDS}
     merge = {"three_band_stars": 0, "merged_one_row": 0, "rows_checked": 0, "false_merges": 0,
              "unresolved_pairs": 0}
@@ -114,6 +118,7 @@ def main(argv=None) -> dict:
         near_scan = (np.abs(tx) < 600) & (np.abs(ty) < np.ptp(tan_project(tf["ra"][fsel], tf["dec"][fsel], ra0, dec0)[1]) / 2 + 300)
         px, py = tan_project(pts["ra"], pts["dec"], ra0, dec0)
         ptree = cKDTree(np.column_stack([px, py]))
+        selected = psc_selection(Table(pts))
         for b in BANDS:
             p = b.lower()
             m_true = np.nan_to_num(src[f"{p}_m"].astype(float), nan=99.0)
@@ -182,6 +187,8 @@ def main(argv=None) -> dict:
             # The PSC's area: more than 10" from the scan's edges (selection rule 1).
             psc_area = (np.asarray(pts["dist_edge_ns"], float)[rel] > 10) & (np.asarray(pts["dist_edge_ew"], float)[rel] > 10)
             acc[b]["rel_psc"].append(np.isfinite(d2[psc_area]))
+            # The rows the PSC selection keeps (rules 1-6: also psfchi and frame statistics).
+            acc[b]["rel_sel"].append(np.isfinite(d2[selected[rel]]))
         # Band merging: truth stars found in all three bands.
         rd = np.array([[int(c) for c in s] for s in pts["rd_flg"].astype(str)]) if len(pts["ra"]) else np.zeros((0, 3), int)
         has = np.isin(rd, (1, 2, 3, 4, 9))
@@ -230,6 +237,7 @@ def main(argv=None) -> dict:
         rd = np.concatenate(a["rd"])
         rel = np.concatenate(a["rel"])
         rel_psc = np.concatenate(a["rel_psc"])
+        rel_sel = np.concatenate(a["rel_sel"])
         lo, hi = UNSAT[b]
         reg = (m_true >= lo) & (m_true <= hi) & np.isfinite(dm) & (rd == 2)
         med, sc = _robust(dm[reg])
@@ -244,6 +252,8 @@ def main(argv=None) -> dict:
             "n_reliability": int(rel.size),
             "reliability_snr10_psc_area": float(rel_psc.mean()) if rel_psc.size else None,
             "n_reliability_psc_area": int(rel_psc.size),
+            "reliability_snr10_psc_selected": float(rel_sel.mean()) if rel_sel.size else None,
+            "n_reliability_psc_selected": int(rel_sel.size),
             "unsat_n": int(reg.sum()), "unsat_bias": med, "unsat_scatter": sc,
             "unsat_median_cmsig": float(np.nanmedian(cs[reg])) if reg.any() else None,
             "unsat_norm_spread": nsc,
@@ -257,7 +267,8 @@ def main(argv=None) -> dict:
         print(f"{b}: completeness to {LIMIT[b]} {res['completeness_to_limit']:.4f} "
               f"({res['isolated_stars_to_limit']} stars), m99 {res['m99']}, m90 {res['m90']}; "
               f"reliability(SNR>=10) {res['reliability_snr10']:.4f} of {rel.size} "
-              f"(PSC area {res['reliability_snr10_psc_area']:.4f} of {rel_psc.size}); "
+              f"(PSC area {res['reliability_snr10_psc_area']:.4f} of {rel_psc.size}, PSC-selected "
+              f"{res['reliability_snr10_psc_selected']:.4f} of {rel_sel.size}); "
               f"unsat ({reg.sum()}): bias {med:+.4f} scatter {sc:.4f} median cmsig "
               f"{res['unsat_median_cmsig']:.4f} norm spread {nsc:.2f}; "
               f"R1 n={res['rd1_n']} bias {res['rd1_bias']:+.3f} scatter {res['rd1_scatter']:.3f}; "
