@@ -28,6 +28,7 @@ STEP_CONFIGS = {
     "framedet": ("gpu2mass.framedet", "FrameDetConfig"),
     "register": ("gpu2mass.register", "RegisterConfig"),
     "transients": ("gpu2mass.transients", "TransientConfig"),
+    "starfill": ("gpu2mass.starfill", "StarFillConfig"),
     "atlas": ("gpu2mass.atlas", "AtlasConfig"),
     "detect": ("gpu2mass.detect", "DetectConfig"),
     "psfmodel": ("gpu2mass.psfmodel", "PsfModelConfig"),

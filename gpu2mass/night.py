@@ -147,6 +147,7 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
     from gpu2mass.refcat import load_reference_stars
     from gpu2mass.register import run_register
     from gpu2mass.sim.psf import sampled_fwhm_table
+    from gpu2mass.starfill import fill_bad_pixels_under_stars
     from gpu2mass.transients import run_transients
 
     xp = dev.xp
@@ -221,28 +222,37 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
             table["n_det_r1"].append(np.bincount(np.asarray(det_r1["frame"], np.int64), minlength=n))
     images = {b: [] for b in per_band}
     noises = {}
-    with timer("atlas"), ThreadPoolExecutor(1) as writer:
+    with ThreadPoolExecutor(1) as writer:
         # Each image is written while the next is computed: the write is mostly waiting on
         # the file system (~15 ms of 28 ms per image), which a second thread hides.
         writes = []
-        grids = plan_atlas_grids({b: per_band[b][1].geometry for b in per_band}, config=cfg.atlas)
+        with timer("atlas"):
+            grids = plan_atlas_grids({b: per_band[b][1].geometry for b in per_band}, config=cfg.atlas)
         for band, (cal, reg, tr, det, _det_r1) in per_band.items():
-            mask = (cal.mask_r2r1 != 0) | xp.asarray(tr.mask)
-            noise = noises[band] = pixel_noise(cal.r2r1, mask)
-            seeing = float(np.median(sampled_fwhm_table(np.asarray(det.meta["seeing_fwhm"]),
-                                                        scale=reg.geometry.band.scale_arcsec)))
-            for k, grid in enumerate(grids):
-                img = run_atlas(cal.r2r1, mask=mask, geometry=reg.geometry, noise=noise, grid=grid,
-                                config=cfg.atlas, band=band, scan=info.number, scan_type=info.type,
-                                scan_dir=info.direction or "", sky=cal.sky_r2r1,
-                                zp_mag=np.full(info.nframes, cfg.transients.zero_point[band]),
-                                seeing_arcsec=seeing)
-                path = products.atlas_path(staging, band, info.number, k + 1)
-                writes.append(writer.submit(write_atlas, path, img))
-                outcome.products.append(str(path.relative_to(staging)))
-                images[band].append(img)
-        for done in writes:
-            done.result()  # a failed write fails the scan here
+            with timer("starfill"):
+                # Bad pixels under stars take the frame's PSF model, for the coadd only (the
+                # point-source fits use the frames as they are).
+                atlas_frames, atlas_mask, _ = fill_bad_pixels_under_stars(
+                    cal.r2r1, cal.mask_r2r1, transient_mask=tr.mask, detections=det,
+                    geometry=reg.geometry, seeing_fwhm=det.meta["seeing_fwhm"], config=cfg.starfill)
+            with timer("atlas"):
+                noise = noises[band] = pixel_noise(cal.r2r1, (cal.mask_r2r1 != 0) | xp.asarray(tr.mask))
+                seeing = float(np.median(sampled_fwhm_table(np.asarray(det.meta["seeing_fwhm"]),
+                                                            scale=reg.geometry.band.scale_arcsec)))
+                for k, grid in enumerate(grids):
+                    img = run_atlas(atlas_frames, mask=atlas_mask, geometry=reg.geometry, noise=noise,
+                                    grid=grid, config=cfg.atlas, band=band, scan=info.number,
+                                    scan_type=info.type, scan_dir=info.direction or "", sky=cal.sky_r2r1,
+                                    zp_mag=np.full(info.nframes, cfg.transients.zero_point[band]),
+                                    seeing_arcsec=seeing)
+                    path = products.atlas_path(staging, band, info.number, k + 1)
+                    writes.append(writer.submit(write_atlas, path, img))
+                    outcome.products.append(str(path.relative_to(staging)))
+                    images[band].append(img)
+            del atlas_frames, atlas_mask
+        with timer("atlas"):
+            for done in writes:
+                done.result()  # a failed write fails the scan here
     mjd_mid = float(np.mean(scan[inst.bands[0]].frames["MJD"]))
     pts = _point_sources(night, info, per_band, images, noises, mjd_mid, cfg, timer)
     # The bands' focal-plane geometry (the frames table has the frame centres, rotation and

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 #: Steps of the first half of scan processing (darks are per night, reported apart).
-FIRST_HALF = ("read", "upload", "frames", "framedet", "register", "transients", "atlas")
+FIRST_HALF = ("read", "upload", "frames", "framedet", "register", "transients", "starfill", "atlas")
 
 
 def main(argv=None) -> dict:
