@@ -234,7 +234,8 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
                 # point-source fits use the frames as they are).
                 atlas_frames, atlas_mask, _ = fill_bad_pixels_under_stars(
                     cal.r2r1, cal.mask_r2r1, transient_mask=tr.mask, detections=det,
-                    geometry=reg.geometry, seeing_fwhm=det.meta["seeing_fwhm"], config=cfg.starfill)
+                    geometry=reg.geometry, seeing_fwhm=det.meta["seeing_fwhm"],
+                    noise=backend.to_host(cal.noise_r2r1), config=cfg.starfill)
             with timer("atlas"):
                 noise = noises[band] = pixel_noise(cal.r2r1, (cal.mask_r2r1 != 0) | xp.asarray(tr.mask))
                 seeing = float(np.median(sampled_fwhm_table(np.asarray(det.meta["seeing_fwhm"]),

@@ -72,7 +72,7 @@ def test_fill_restores_the_flux_of_a_star_with_a_bad_core_pixel(scan, seeing_err
         none = np.zeros(frames.shape, bool)
         filled, mask, n_filled = fill_bad_pixels_under_stars(
             frames, bits, transient_mask=none, detections=det, geometry=scan.geometry,
-            seeing_fwhm=seeing)
+            seeing_fwhm=seeing, noise=np.ones(scan.geometry.nframes))
         assert n_filled == 2 and not mask.any()
         left_out, _ = _atlas_ratio(scan, frames, bits != 0, grid)
         ratio, img = _atlas_ratio(scan, filled, mask, grid)
@@ -95,19 +95,19 @@ def test_fill_leaves_saturated_transient_and_starless_pixels_alone(scan):
     bits[k0, 5, 5] = MASK_BAD  # far from any star
     filled, mask, n_filled = fill_bad_pixels_under_stars(
         frames, bits, transient_mask=transient, detections=det, geometry=scan.geometry,
-        seeing_fwhm=seeing)
+        seeing_fwhm=seeing, noise=np.ones(scan.geometry.nframes))
     assert n_filled == 0 and filled is frames
     np.testing.assert_array_equal(mask, (bits != 0) | transient)
     # Disabled: the frames and the plain mask.
     bits[k0, y0, x0] = MASK_BAD
     out, mask, n_filled = fill_bad_pixels_under_stars(
         frames, bits, transient_mask=transient, detections=det, geometry=scan.geometry,
-        seeing_fwhm=seeing, config=StarFillConfig(enabled=False))
+        seeing_fwhm=seeing, noise=np.ones(n), config=StarFillConfig(enabled=False))
     assert n_filled == 0 and out is frames and mask[k0, y0, x0]
     # Enabled, the same pixel is filled with the star's light; the input is not changed.
     out, mask, n_filled = fill_bad_pixels_under_stars(
         frames, bits, transient_mask=transient, detections=det, geometry=scan.geometry,
-        seeing_fwhm=seeing)
+        seeing_fwhm=seeing, noise=np.ones(scan.geometry.nframes))
     assert n_filled == 1 and not mask[k0, y0, x0] and out is not frames
     assert out[k0, y0, x0] == pytest.approx(frames[k0, y0, x0], rel=1e-2)
 
@@ -122,7 +122,7 @@ def test_faint_detections_are_not_modelled(scan):
     bits[k0, round(fy[k0]), round(fx[k0])] = MASK_BAD
     _, _, n_filled = fill_bad_pixels_under_stars(
         frames, bits, transient_mask=np.zeros(frames.shape, bool), detections=det,
-        geometry=scan.geometry, seeing_fwhm=seeing)
+        geometry=scan.geometry, seeing_fwhm=seeing, noise=np.ones(scan.geometry.nframes))
     assert n_filled == 0
 
 
@@ -131,3 +131,6 @@ def test_config_checks():
         StarFillConfig(half_size=0)
     with pytest.raises(ConfigError):
         StarFillConfig(min_good_fraction=0.0)
+    with pytest.raises(ConfigError):
+        StarFillConfig(width_scales=(0.9, 1.0, 1.2))
+    StarFillConfig(width_scales=(1.0,))

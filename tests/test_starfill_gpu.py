@@ -40,9 +40,9 @@ def test_cupy_frames_match_numpy(tiny_night):
     transient = np.zeros(frames.shape, bool)
     seeing = np.full(scan.geometry.nframes, _fwhm_arcsec(ALPHA_PX, scan.geometry.band.scale_arcsec))
     host = fill_bad_pixels_under_stars(frames, bits, transient_mask=transient, detections=det,
-                                       geometry=scan.geometry, seeing_fwhm=seeing)
+                                       geometry=scan.geometry, seeing_fwhm=seeing, noise=np.ones(scan.geometry.nframes))
     dev = fill_bad_pixels_under_stars(cp.asarray(frames), cp.asarray(bits), transient_mask=transient,
-                                      detections=det, geometry=scan.geometry, seeing_fwhm=seeing)
+                                      detections=det, geometry=scan.geometry, seeing_fwhm=seeing, noise=np.ones(scan.geometry.nframes))
     assert host[2] == dev[2] == inside.size
     np.testing.assert_array_equal(cp.asnumpy(dev[0]), host[0])
     np.testing.assert_array_equal(cp.asnumpy(dev[1]), host[1])
