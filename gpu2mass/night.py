@@ -141,7 +141,7 @@ def _scan_epoch_jyear(night: Night, scan) -> float:
 def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device, staging: Path,
                   outcome: ScanOutcome, on_step: Callable[[str], None] | None = None) -> dict:
     """All steps of one scan; returns the columns of its frames table."""
-    from gpu2mass.atlas import plan_atlas_grids, run_atlas, write_atlas
+    from gpu2mass.atlas import plan_atlas_grids, remove_frame_gradients, run_atlas, write_atlas
     from gpu2mass.framedet import FrameDetWarning, run_frame_detection
     from gpu2mass.frames import pixel_noise, run_calibrate_frames
     from gpu2mass.refcat import load_reference_stars
@@ -229,13 +229,20 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
         with timer("atlas"):
             grids = plan_atlas_grids({b: per_band[b][1].geometry for b in per_band}, config=cfg.atlas)
         for band, (cal, reg, tr, det, _det_r1) in per_band.items():
+            # The coadd's own copy of the frames: each frame's background gradient (OH
+            # airglow) out, and bad pixels under stars filled with the frame's PSF model;
+            # the point-source fits use the frames as they are.
+            atlas_frames = cal.r2r1
+            if cfg.atlas.remove_frame_gradients:
+                with timer("atlas"):
+                    atlas_frames, _ = remove_frame_gradients(
+                        cal.r2r1, (cal.mask_r2r1 != 0) | xp.asarray(tr.mask), config=cfg.atlas)
             with timer("starfill"):
-                # Bad pixels under stars take the frame's PSF model, for the coadd only (the
-                # point-source fits use the frames as they are).
                 atlas_frames, atlas_mask, _ = fill_bad_pixels_under_stars(
-                    cal.r2r1, cal.mask_r2r1, transient_mask=tr.mask, detections=det,
+                    atlas_frames, cal.mask_r2r1, transient_mask=tr.mask, detections=det,
                     geometry=reg.geometry, seeing_fwhm=det.meta["seeing_fwhm"],
-                    noise=backend.to_host(cal.noise_r2r1), config=cfg.starfill)
+                    noise=backend.to_host(cal.noise_r2r1), config=cfg.starfill,
+                    copy=atlas_frames is cal.r2r1)
             with timer("atlas"):
                 noise = noises[band] = pixel_noise(cal.r2r1, (cal.mask_r2r1 != 0) | xp.asarray(tr.mask))
                 seeing = float(np.median(sampled_fwhm_table(np.asarray(det.meta["seeing_fwhm"]),

@@ -171,7 +171,7 @@ def _fit_stamps(data, good, fx, fy, alpha0, sigma, config: StarFillConfig, h: in
 
 def fill_bad_pixels_under_stars(frames, mask_bits, *, transient_mask, detections,
                                 geometry: FrameGeometry, seeing_fwhm, noise,
-                                config: StarFillConfig = StarFillConfig()):
+                                config: StarFillConfig = StarFillConfig(), copy: bool = True):
     """Fill the bad pixels under stars with each frame's PSF model (module docstring).
 
     Parameters
@@ -193,12 +193,14 @@ def fill_bad_pixels_under_stars(frames, mask_bits, *, transient_mask, detections
         float (n,): each frame's pixel noise, DN (host array).
     config
         :class:`StarFillConfig`.
+    copy
+        False: fill ``frames`` in place (a caller's private copy).
 
     Returns
     -------
     frames, mask, n_filled
-        A copy of the frames with the filled pixels (the input itself when nothing was
-        filled), the coadd's mask (bool (n, ny, nx): any calibration bit or transient,
+        The frames with the filled pixels (a copy unless ``copy`` is False; the input
+        itself when nothing was filled), the coadd's mask (bool (n, ny, nx): any calibration bit or transient,
         less the filled pixels) and the number of pixels filled.
     """
     from gpu2mass.frames import MASK_BAD, MASK_NONFINITE
@@ -254,7 +256,7 @@ def fill_bad_pixels_under_stars(frames, mask_bits, *, transient_mask, detections
     total = np.bincount(inv, value[sel], uniq.size)
     uf, rem = np.divmod(uniq, ny * nx)
     uy, ux = np.divmod(rem, nx)
-    out = frames.copy()
+    out = frames.copy() if copy else frames
     where = (xp.asarray(uf), xp.asarray(uy), xp.asarray(ux))
     out[where] = xp.asarray(total.astype(np.float32))
     mask[where] = False
