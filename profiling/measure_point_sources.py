@@ -248,6 +248,10 @@ def main(argv=None) -> dict:
             "completeness_to_limit": float(found[lim].mean()) if lim.any() else None,
             "m99": _completeness_mag(m_true, found, 0.99),
             "m90": _completeness_mag(m_true, found, 0.90),
+            "completeness_bins": [[float(lo), int(((m_true >= lo) & (m_true < lo + 0.25)).sum()),
+                                   float(found[(m_true >= lo) & (m_true < lo + 0.25)].mean())]
+                                  for lo in np.arange(8.0, 18.0, 0.25)
+                                  if ((m_true >= lo) & (m_true < lo + 0.25)).sum() >= 5],
             "reliability_snr10": float(rel.mean()) if rel.size else None,
             "n_reliability": int(rel.size),
             "reliability_snr10_psc_area": float(rel_psc.mean()) if rel_psc.size else None,
