@@ -75,7 +75,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpu2mass.backend import get_namespace, to_host
+from gpu2mass.backend import get_namespace, get_ndimage, to_host
 from gpu2mass.errors import ConfigError, StepError
 from gpu2mass.geometry import FrameGeometry
 
@@ -83,6 +83,7 @@ __all__ = [
     "AtlasConfig",
     "AtlasGrid",
     "AtlasImage",
+    "flatten_frame_backgrounds",
     "plan_atlas_grids",
     "point_source_m10",
     "remove_frame_gradients",
@@ -122,21 +123,30 @@ class AtlasConfig:
         output pixels of its frame instead of 4 (median ``SIGMA`` +0.7 % on the ``scan``
         night, +1.3 % on ``ci``) and a frame ends 0.1 px beyond its outermost pixel
         centres instead of 0.5 px.
-    remove_frame_gradients
-        Before the coadd, take out of every frame the gradient of its own background: a
-        plane fitted to its unmasked pixels (every ``gradient_subsample``-th row and
-        column, least squares, passes rejecting pixels beyond ``gradient_clip_sigma``
-        times the rms of those kept: sources), less its constant (the level stays the frame calibration's sky
-        median) (:func:`remove_frame_gradients`). Not in 2MASS, whose Atlas Images were
-        "seamless except under rapid variation: clouds, OH airglow" (facts sheet 2.2): OH
-        airglow changes between frames over the frame itself, which the constant of the
-        background match cannot follow. Measured on the ``scan`` night's science scan, H
-        (median |background step| at frame edges / SIGMA, and at rows away from edges):
-        0.200 / 0.053 without, 0.061 / 0.055 with a plane, 0.055 / 0.045 with a quadratic;
-        Ks 0.047 / 0.042 either way. A plane over 8.5' leaves sky structure smaller than
-        the frame (nebulae, large galaxies) in the Atlas Images.
+    frame_background
+        What of each frame's own background is taken out before the coadd (not in 2MASS,
+        whose Atlas Images were "seamless except under rapid variation: clouds, OH
+        airglow", facts sheet 2.2: OH airglow changes between frames over the frame
+        itself, which the background match's constant cannot follow, and every frame edge
+        leaves a step). ``"plane"``: a plane fitted to the frame's unmasked pixels (every
+        ``gradient_subsample``-th row and column, least squares, passes rejecting pixels
+        beyond ``gradient_clip_sigma`` times the rms of those kept: sources), less its
+        constant (:func:`remove_frame_gradients`); ``"mesh"``: sigma-clipped means of
+        ``mesh_cell_px`` cells with the sources masked, bicubic between them, less their
+        median (:func:`flatten_frame_backgrounds`); ``"none"``: 2MASS. The level stays the
+        frame calibration's sky median in both. Median |background step| at frame edges /
+        SIGMA, H, with the same at rows away from edges in brackets
+        (``profiling/measure_atlas_noise.py``, science scans of the ``ci`` and ``scan``
+        nights): none 0.216 (0.048) and 0.198 (0.059); plane 0.219 and 0.064 (0.055); a
+        quadratic 0.132 and 0.055; mesh of 128" cells 0.081 and 0.055, of 64" cells 0.051
+        (0.047) and 0.046 (0.046). A mesh also takes out sky structure on its cells' scale
+        (nebulae, the outskirts of galaxies larger than ~30").
     gradient_subsample, gradient_clip_sigma, gradient_passes
-        Sampling step (4), rejection threshold (2.5 × rms) and passes (4) of that fit.
+        Sampling step (4), rejection threshold (2.5 × rms) and passes (4) of the plane fit.
+    mesh_cell_px, mesh_clip_sigma, mesh_passes
+        Mesh cell size in frame pixels (32: 64", 8 × 8 cells a frame), clipping threshold
+        (2.5 × the rms of the samples kept, after a first pass about the median) and passes
+        (3) of the cell means.
     background_match
         Subtract, before adding each frame, the median difference to the image so far
         (2MASS procedure, facts sheet section 2.2).
@@ -181,10 +191,13 @@ class AtlasConfig:
     crpix2: float = 512.5
     overlap_arcsec: float = 54.0
     min_kernel_weight: float = 0.9
-    remove_frame_gradients: bool = True
+    frame_background: str = "plane"
     gradient_subsample: int = 4
     gradient_clip_sigma: float = 2.5
     gradient_passes: int = 4
+    mesh_cell_px: int = 32
+    mesh_clip_sigma: float = 2.5
+    mesh_passes: int = 3
     background_match: bool = True
     min_overlap_pixels: int = 500
     match_subsample: int = 2
@@ -206,6 +219,11 @@ class AtlasConfig:
             ("min_kernel_weight", 0 < self.min_kernel_weight <= 1, "in (0, 1]"),
             ("min_overlap_pixels", self.min_overlap_pixels >= 1, ">= 1"),
             ("match_subsample", self.match_subsample >= 1, ">= 1"),
+            ("frame_background", self.frame_background in ("none", "plane", "mesh"),
+             "none, plane or mesh"),
+            ("mesh_cell_px", self.mesh_cell_px >= 8, ">= 8"),
+            ("mesh_clip_sigma", self.mesh_clip_sigma > 0, "> 0"),
+            ("mesh_passes", self.mesh_passes >= 1, ">= 1"),
             ("gradient_subsample", self.gradient_subsample >= 1, ">= 1"),
             ("gradient_clip_sigma", self.gradient_clip_sigma > 0, "> 0"),
             ("gradient_passes", self.gradient_passes >= 1, ">= 1"),
@@ -491,7 +509,7 @@ def _finite_mask(xp, frames, mask):
 
 
 def remove_frame_gradients(frames, mask, *, config: AtlasConfig = AtlasConfig()):
-    """Each frame less the gradient of its own background (:attr:`AtlasConfig.remove_frame_gradients`).
+    """Each frame less the gradient of its own background (:attr:`AtlasConfig.frame_background` "plane").
 
     Parameters
     ----------
@@ -539,6 +557,104 @@ def remove_frame_gradients(frames, mask, *, config: AtlasConfig = AtlasConfig())
     out = frames - (g[:, 0, None] * fu[None, :])[:, :, None]  # new array, one pass
     out -= (g[:, 1, None] * fv[None, :])[:, None, :]
     return out, np.asarray(to_host(grad), float)
+
+
+def _cubic_weights(n_out: int, n_cells: int, cell: float) -> np.ndarray:
+    """(n_out, n_cells) bicubic (Keys, a = −0.5) interpolation weights from cell centres
+    (cell i at (i + 0.5) cell − 0.5) to pixel centres, the edge cells repeated beyond the
+    ends (extrapolating a gradient linearly there instead left larger steps at the frame
+    edges of the ``ci`` night: 0.057 against 0.051 SIGMA)."""
+    t = (np.arange(n_out) + 0.5) / cell - 0.5
+    i0 = np.floor(t).astype(int)
+    f = t - i0
+    w = np.zeros((n_out, n_cells))
+    for k, x in zip(range(-1, 3), (1 + f, f, 1 - f, 2 - f), strict=True):
+        ax = np.abs(x)
+        wk = np.where(ax <= 1, 1.5 * ax**3 - 2.5 * ax**2 + 1,
+                      np.where(ax < 2, -0.5 * ax**3 + 2.5 * ax**2 - 4 * ax + 2, 0.0))
+        np.add.at(w, (np.arange(n_out), np.clip(i0 + k, 0, n_cells - 1)), wk)
+    return w
+
+
+def flatten_frame_backgrounds(frames, mask, *, noise=None, config: AtlasConfig = AtlasConfig()):
+    """Each frame less the structure of its own background (:attr:`AtlasConfig.frame_background` "mesh").
+
+    Parameters
+    ----------
+    frames
+        float32 (n, ny, nx), NumPy or CuPy: calibrated, sky-subtracted R2−R1 frames, DN.
+    mask
+        bool (n, ny, nx), same namespace: pixels never used (bad, saturated, transients).
+    noise
+        float (n,), optional: each frame's pixel noise, DN (host). Given, the pixels of
+        sources and their wings are left out of the cells (the 3 × 3 mean of the sampled
+        pixels above it, grown by 2 samples).
+
+    Returns
+    -------
+    frames, mesh
+        New frames (float32, same namespace) and each frame's cell means less their
+        median, float64 (n, rows, columns) on the host, DN. A cell with fewer than 50
+        usable sampled pixels takes the frame's median cell value (no correction there).
+    """
+    xp = get_namespace(frames)
+    _, ny, nx = frames.shape
+    cell = config.mesh_cell_px
+    a, b = max(1, -(-ny // cell)), max(1, -(-nx // cell))
+    # Every second row and column; cells padded with masked samples to whole cells.
+    sub = frames[:, ::2, ::2].astype(xp.float64)
+    good = ~(xp.asarray(mask)[:, ::2, ::2] != 0) & xp.isfinite(sub)
+    sub = xp.where(good, sub, 0.0)
+    mesh = _cell_means(xp, sub, good, a, b, cell // 2, config)
+    if noise is not None:
+        # Sources out, with their wings: where the 3 × 3 mean of the samples less the first
+        # mesh exceeds the pixel noise, grown by 2 samples (4 frame pixels). Clipping alone
+        # left a bright star's wings below 2.5 σ in its cell's mean, a bump under the star
+        # that moved 14" Atlas fluxes by 0.45 σ rms (tests/test_atlas.py).
+        ndi = get_ndimage(xp)
+        hy = xp.asarray(_cubic_weights(sub.shape[1], a, cell / 2).astype(np.float32))
+        hx = xp.asarray(_cubic_weights(sub.shape[2], b, cell / 2).astype(np.float32))
+        first = hy[None] @ (mesh.astype(xp.float32) @ hx.T)
+        sig = xp.asarray(np.asarray(noise, float))[:, None, None]
+        smooth = ndi.uniform_filter(xp.where(good, sub - first, 0.0), size=(1, 3, 3), mode="nearest")
+        src = ndi.maximum_filter((smooth > sig).astype(xp.uint8), size=(1, 5, 5), mode="nearest") > 0
+        mesh = _cell_means(xp, sub, good & ~src, a, b, cell // 2, config)
+    wy = xp.asarray(_cubic_weights(ny, a, cell).astype(np.float32))
+    wx = xp.asarray(_cubic_weights(nx, b, cell).astype(np.float32))
+    background = wy[None] @ (mesh.astype(xp.float32) @ wx.T)  # (n, ny, nx)
+    return frames - background, np.asarray(to_host(mesh), float)
+
+
+def _cell_means(xp, sub, good, a: int, b: int, h: int, config: AtlasConfig):
+    """Sigma-clipped mean of each a × b cell of h × h samples, less the frame's median
+    cell, (n, a, b); cells with fewer than 50 usable samples take that median (0)."""
+    n = sub.shape[0]
+    pad = ((0, 0), (0, a * h - sub.shape[1]), (0, b * h - sub.shape[2]))
+    d = xp.pad(sub, pad).reshape(n, a, h, b, h).transpose(0, 1, 3, 2, 4).reshape(n, a, b, h * h)
+    ok = xp.pad(good, pad).reshape(n, a, h, b, h).transpose(0, 1, 3, 2, 4).reshape(n, a, b, h * h)
+    # First pass about the median (a bright star's halo must not set the first rms), on a
+    # quarter of the samples: the medians are the step's main cost.
+    q = xp.where(ok[..., ::4], d[..., ::4], xp.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-masked cells: handled below
+        med = xp.nanmedian(q, axis=-1)
+        mad = xp.nanmedian(xp.abs(q - med[..., None]), axis=-1)
+    med = xp.where(xp.isfinite(med), med, 0.0)
+    mad = xp.where(xp.isfinite(mad), mad, 0.0)
+    keep = ok & (xp.abs(d - med[..., None]) < config.mesh_clip_sigma * 1.4826 * mad[..., None])
+    mu = med
+    for _ in range(config.mesh_passes):
+        w = keep.astype(xp.float64)
+        nk = w.sum(axis=-1)
+        mu = (w * d).sum(axis=-1) / xp.maximum(nk, 1.0)
+        rms = xp.sqrt((w * (d - mu[..., None]) ** 2).sum(axis=-1) / xp.maximum(nk, 1.0))
+        keep = ok & (xp.abs(d - mu[..., None]) < config.mesh_clip_sigma * rms[..., None])
+    usable = xp.count_nonzero(ok, axis=-1) >= 50
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        level = xp.nanmedian(xp.where(usable, mu, xp.nan).reshape(n, -1), axis=1)
+    level = xp.where(xp.isfinite(level), level, 0.0)[:, None, None]
+    return xp.where(usable, mu, level) - level
 
 
 def run_atlas(

@@ -141,7 +141,13 @@ def _scan_epoch_jyear(night: Night, scan) -> float:
 def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device, staging: Path,
                   outcome: ScanOutcome, on_step: Callable[[str], None] | None = None) -> dict:
     """All steps of one scan; returns the columns of its frames table."""
-    from gpu2mass.atlas import plan_atlas_grids, remove_frame_gradients, run_atlas, write_atlas
+    from gpu2mass.atlas import (
+        flatten_frame_backgrounds,
+        plan_atlas_grids,
+        remove_frame_gradients,
+        run_atlas,
+        write_atlas,
+    )
     from gpu2mass.framedet import FrameDetWarning, run_frame_detection
     from gpu2mass.frames import pixel_noise, run_calibrate_frames
     from gpu2mass.refcat import load_reference_stars
@@ -233,10 +239,14 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
             # airglow) out, and bad pixels under stars filled with the frame's PSF model;
             # the point-source fits use the frames as they are.
             atlas_frames = cal.r2r1
-            if cfg.atlas.remove_frame_gradients:
+            if cfg.atlas.frame_background != "none":
                 with timer("atlas"):
-                    atlas_frames, _ = remove_frame_gradients(
-                        cal.r2r1, (cal.mask_r2r1 != 0) | xp.asarray(tr.mask), config=cfg.atlas)
+                    unusable = (cal.mask_r2r1 != 0) | xp.asarray(tr.mask)
+                    if cfg.atlas.frame_background == "plane":
+                        atlas_frames, _ = remove_frame_gradients(cal.r2r1, unusable, config=cfg.atlas)
+                    else:
+                        atlas_frames, _ = flatten_frame_backgrounds(
+                            cal.r2r1, unusable, noise=backend.to_host(cal.noise_r2r1), config=cfg.atlas)
             with timer("starfill"):
                 atlas_frames, atlas_mask, _ = fill_bad_pixels_under_stars(
                     atlas_frames, cal.mask_r2r1, transient_mask=tr.mask, detections=det,
