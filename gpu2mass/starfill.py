@@ -17,10 +17,13 @@ pixel of that frame (calibration bits ``MASK_BAD`` or ``MASK_NONFINITE``, not sa
 not transient-masked) lies within ``half_size`` pixels of it, a pixel-integrated Moffat
 (``psf_beta``) at the projected position is fitted to the usable pixels of the
 ``(2 half_size + 1)²`` stamp: amplitude by linear least squares, width by least χ² over
-``width_scales`` × the frame detection's seeing. The bad pixel takes the model's value: the sum of every such star's model there, on the sky-subtracted frame. The pixel is
-then used by the coadd as any other, and its frame counts in ``COVERAGE`` there; it adds no
-noise of its own, so the Atlas ``SIGMA`` (propagated from each frame's pixel noise) is, there,
-slightly pessimistic.
+``width_scales`` × the frame detection's seeing for stars bright enough (``width_fit_snr``).
+The bad pixel takes the model's value: the sum of every such star's model there, on the
+sky-subtracted frame. The pixel is then used by the coadd as any other, and its frame
+counts in ``COVERAGE`` there; it adds no noise of its own, so the Atlas ``SIGMA``
+(propagated from each frame's pixel noise) is, there, slightly pessimistic. Checked
+against the truth on the ``scan`` night's science scan: filled core pixels of 10,000–50,000
+DN stars are off by 0.4 % (Ks) and 1.0 % (H) of the star's flux in that frame, rms.
 
 Not 2MASS (whose coadd left the frames out, facts sheet 2.2); a choice for the flux
 conservation of issue 3. Saturated pixels are never filled (their stars are measured from
