@@ -235,13 +235,15 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
         with timer("atlas"):
             grids = plan_atlas_grids({b: per_band[b][1].geometry for b in per_band}, config=cfg.atlas)
         for band, (cal, reg, tr, det, _det_r1) in per_band.items():
-            # The coadd's own copy of the frames: each frame's background gradient (OH
+            # The coadd's own copy of the frames: each frame's background structure (OH
             # airglow) out, and bad pixels under stars filled with the frame's PSF model;
             # the point-source fits use the frames as they are.
+            with timer("atlas"):
+                transient = xp.asarray(tr.mask)  # uploaded once for the three uses below
+                unusable = (cal.mask_r2r1 != 0) | transient
             atlas_frames = cal.r2r1
             if cfg.atlas.frame_background != "none":
                 with timer("atlas"):
-                    unusable = (cal.mask_r2r1 != 0) | xp.asarray(tr.mask)
                     if cfg.atlas.frame_background == "plane":
                         atlas_frames, _ = remove_frame_gradients(cal.r2r1, unusable, config=cfg.atlas)
                     else:
@@ -249,12 +251,12 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
                             cal.r2r1, unusable, noise=backend.to_host(cal.noise_r2r1), config=cfg.atlas)
             with timer("starfill"):
                 atlas_frames, atlas_mask, _ = fill_bad_pixels_under_stars(
-                    atlas_frames, cal.mask_r2r1, transient_mask=tr.mask, detections=det,
+                    atlas_frames, cal.mask_r2r1, transient_mask=transient, detections=det,
                     geometry=reg.geometry, seeing_fwhm=det.meta["seeing_fwhm"],
                     noise=backend.to_host(cal.noise_r2r1), config=cfg.starfill,
                     copy=atlas_frames is cal.r2r1)
             with timer("atlas"):
-                noise = noises[band] = pixel_noise(cal.r2r1, (cal.mask_r2r1 != 0) | xp.asarray(tr.mask))
+                noise = noises[band] = pixel_noise(cal.r2r1, unusable)
                 seeing = float(np.median(sampled_fwhm_table(np.asarray(det.meta["seeing_fwhm"]),
                                                             scale=reg.geometry.band.scale_arcsec)))
                 for k, grid in enumerate(grids):
@@ -267,7 +269,7 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
                     writes.append(writer.submit(write_atlas, path, img))
                     outcome.products.append(str(path.relative_to(staging)))
                     images[band].append(img)
-            del atlas_frames, atlas_mask
+            del atlas_frames, atlas_mask, transient, unusable
         with timer("atlas"):
             for done in writes:
                 done.result()  # a failed write fails the scan here

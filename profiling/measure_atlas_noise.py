@@ -28,16 +28,9 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from measure_atlas_flux import MAG, _grid  # the sibling script (profiling/ is on sys.path)
 
-from gpu2mass.atlas import AtlasGrid
 from gpu2mass.io.products import read_columns
-
-MAG = {"J": "j_m", "H": "h_m", "K": "k_m"}
-
-
-def _grid(h) -> AtlasGrid:
-    return AtlasGrid(0, h["CRVAL1"], h["CRVAL2"], h["NAXIS1"], h["NAXIS2"], h["CRPIX1"],
-                     h["CRPIX2"], h["CDELT2"])
 
 
 def noise_ratio(data, sigma, coverage, x, y) -> float | None:
