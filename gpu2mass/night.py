@@ -28,7 +28,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -138,23 +138,109 @@ def _scan_epoch_jyear(night: Night, scan) -> float:
     return float(Time(scan.start_mjd, format="mjd").jyear)
 
 
+def _no_timer(stage: str):
+    return nullcontext()
+
+
+def calibrate_and_register(night: Night, info, scan, band: str, darks, cfg: RunConfig, xp,
+                           timer: Callable = _no_timer):
+    """The first steps of one band of one scan: frame calibration, single-frame detection
+    on R2−R1 and R1, frame position reconstruction and transient masks.
+
+    ``scan``: the scan's raw data (``night.load_scan(info.number)``); ``darks``: the night's
+    darks per band; ``xp``: NumPy or CuPy, where the frames are processed; ``timer``:
+    ``timer(step)`` gives a context manager timing that step (none by default).
+    Returns ``(cal, reg, tr, det, det_r1)``: the calibrated frames, the registration, the
+    transients and the R2−R1 and R1 detections.
+    """
+    from gpu2mass.framedet import FrameDetWarning, run_frame_detection
+    from gpu2mass.frames import run_calibrate_frames
+    from gpu2mass.refcat import load_reference_stars
+    from gpu2mass.register import run_register
+    from gpu2mass.transients import run_transients
+
+    inst = night.instrument
+    sb = scan[band]
+    with timer("read"):
+        r1 = np.asarray(sb.r1[0 : info.nframes], dtype=np.float32)
+        r2r1 = np.asarray(sb.r2r1[0 : info.nframes], dtype=np.float32)
+        _check_band_data(band, r1, r2r1, night.calib_image("satmap", band))
+    with timer("upload"):
+        r1, r2r1 = xp.asarray(r1), xp.asarray(r2r1)
+        dark = darks[band]
+        dark = replace(dark, r1=xp.asarray(dark.r1), r2r1=xp.asarray(dark.r2r1))
+        # Hot and noisy pixels found in the night's darks join the library's bad pixels.
+        badpix = night.calib_image("badpix", band) | backend.to_host(darks[band].defects).astype(np.uint8)
+        calib = {"flat": xp.asarray(night.calib_image("flat", band)),
+                 "satmap": xp.asarray(night.calib_image("satmap", band)), "badpix": xp.asarray(badpix)}
+    with timer("frames"):
+        cal = run_calibrate_frames(r1, r2r1, dark=dark, flat=calib["flat"], satmap=calib["satmap"],
+                                   badpix=calib["badpix"], config=cfg.frames)
+    with timer("framedet"):
+        det = run_frame_detection(cal.r2r1, mask=cal.mask_r2r1, noise=cal.noise_r2r1, config=cfg.framedet)
+        # R1 (51 ms) frames hold only the bright stars, too few to measure the seeing:
+        # the R2−R1 frames' seeing is used. Frames without any detection are normal there.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FrameDetWarning)
+            det_r1 = run_frame_detection(cal.r1, mask=cal.mask_r1, noise=cal.noise_r1,
+                                         seeing_fwhm=det.meta["seeing_fwhm"], config=cfg.framedet)
+    frames = sb.frames
+    with timer("register"):
+        pad = 0.25
+        dec_lo, dec_hi = float(frames["DEC_CMD"].min()) - pad, float(frames["DEC_CMD"].max()) + pad
+        ra0 = float(np.median(frames["RA_CMD"]))
+        dra = pad / max(np.cos(np.deg2rad(max(abs(dec_lo), abs(dec_hi)))), 0.05)
+        ref = load_reference_stars(night.reference_catalog, epoch_jyear=_scan_epoch_jyear(night, info),
+                                   ra_range=((ra0 - dra) % 360, (ra0 + dra) % 360),
+                                   dec_range=(dec_lo, dec_hi))
+        reg = run_register(det, commanded_ra=frames["RA_CMD"], commanded_dec=frames["DEC_CMD"],
+                           reference=ref, nx=inst.nx, ny=inst.ny, config=cfg.register)
+    with timer("transients"):
+        tr = run_transients(det, geometry=reg.geometry, band=band, nframes=info.nframes,
+                            config=cfg.transients)
+    return cal, reg, tr, det, det_r1
+
+
+def coadd_frames(cal, tr, det, geometry, cfg: RunConfig, xp, timer: Callable = _no_timer):
+    """The coadd's own copy of one band's frames: each frame's background structure (OH
+    airglow) out (``atlas.frame_background``) and bad pixels under stars filled with the
+    frame's PSF model (``starfill``); the point-source fits use the frames as they are.
+
+    ``cal``, ``tr``, ``det``, ``geometry``: the band's calibrated frames, transients, R2−R1
+    detections and frame geometry (:func:`calibrate_and_register`). Returns ``(frames,
+    mask, noise)`` for :func:`gpu2mass.atlas.run_atlas`: float32 (n, ny, nx) and bool
+    (n, ny, nx) in ``xp``, and each frame's pixel noise (n,), DN, on the host.
+    """
+    from gpu2mass.atlas import flatten_frame_backgrounds, remove_frame_gradients
+    from gpu2mass.frames import pixel_noise
+    from gpu2mass.starfill import fill_bad_pixels_under_stars
+
+    with timer("atlas"):
+        transient = xp.asarray(tr.mask)  # uploaded once for the three uses below
+        unusable = (cal.mask_r2r1 != 0) | transient
+    frames = cal.r2r1
+    if cfg.atlas.frame_background != "none":
+        with timer("atlas"):
+            if cfg.atlas.frame_background == "plane":
+                frames, _ = remove_frame_gradients(cal.r2r1, unusable, config=cfg.atlas)
+            else:
+                frames, _ = flatten_frame_backgrounds(
+                    cal.r2r1, unusable, noise=backend.to_host(cal.noise_r2r1), config=cfg.atlas)
+    with timer("starfill"):
+        frames, mask, _ = fill_bad_pixels_under_stars(
+            frames, cal.mask_r2r1, transient_mask=transient, detections=det, geometry=geometry,
+            seeing_fwhm=det.meta["seeing_fwhm"], noise=backend.to_host(cal.noise_r2r1),
+            config=cfg.starfill, copy=frames is cal.r2r1)
+    with timer("atlas"):
+        noise = pixel_noise(cal.r2r1, unusable)
+    return frames, mask, noise
+
+
 def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device, staging: Path,
                   outcome: ScanOutcome, on_step: Callable[[str], None] | None = None) -> dict:
     """All steps of one scan; returns the columns of its frames table."""
-    from gpu2mass.atlas import (
-        flatten_frame_backgrounds,
-        plan_atlas_grids,
-        remove_frame_gradients,
-        run_atlas,
-        write_atlas,
-    )
-    from gpu2mass.framedet import FrameDetWarning, run_frame_detection
-    from gpu2mass.frames import pixel_noise, run_calibrate_frames
-    from gpu2mass.refcat import load_reference_stars
-    from gpu2mass.register import run_register
+    from gpu2mass.atlas import plan_atlas_grids, run_atlas, write_atlas
     from gpu2mass.sim.psf import sampled_fwhm_table
-    from gpu2mass.starfill import fill_bad_pixels_under_stars
-    from gpu2mass.transients import run_transients
 
     xp = dev.xp
     timer = _Timer(outcome.seconds, xp, on_step)
@@ -166,44 +252,8 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
                              "seeing_arcsec", "zp_mag", "n_det", "n_det_r1")}
     for band in inst.bands:
         with _band_context(band):
-            sb = scan[band]
-            with timer("read"):
-                r1 = np.asarray(sb.r1[0 : info.nframes], dtype=np.float32)
-                r2r1 = np.asarray(sb.r2r1[0 : info.nframes], dtype=np.float32)
-                _check_band_data(band, r1, r2r1, night.calib_image("satmap", band))
-            with timer("upload"):
-                r1, r2r1 = xp.asarray(r1), xp.asarray(r2r1)
-                dark = darks[band]
-                dark = replace(dark, r1=xp.asarray(dark.r1), r2r1=xp.asarray(dark.r2r1))
-                # Hot and noisy pixels found in the night's darks join the library's bad pixels.
-                badpix = night.calib_image("badpix", band) | backend.to_host(darks[band].defects).astype(np.uint8)
-                calib = {"flat": xp.asarray(night.calib_image("flat", band)),
-                         "satmap": xp.asarray(night.calib_image("satmap", band)), "badpix": xp.asarray(badpix)}
-            with timer("frames"):
-                cal = run_calibrate_frames(r1, r2r1, dark=dark, flat=calib["flat"], satmap=calib["satmap"],
-                                           badpix=calib["badpix"], config=cfg.frames)
-            with timer("framedet"):
-                det = run_frame_detection(cal.r2r1, mask=cal.mask_r2r1, noise=cal.noise_r2r1, config=cfg.framedet)
-                # R1 (51 ms) frames hold only the bright stars, too few to measure the seeing:
-                # the R2−R1 frames' seeing is used. Frames without any detection are normal there.
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FrameDetWarning)
-                    det_r1 = run_frame_detection(cal.r1, mask=cal.mask_r1, noise=cal.noise_r1,
-                                                 seeing_fwhm=det.meta["seeing_fwhm"], config=cfg.framedet)
-            frames = sb.frames
-            with timer("register"):
-                pad = 0.25
-                dec_lo, dec_hi = float(frames["DEC_CMD"].min()) - pad, float(frames["DEC_CMD"].max()) + pad
-                ra0 = float(np.median(frames["RA_CMD"]))
-                dra = pad / max(np.cos(np.deg2rad(max(abs(dec_lo), abs(dec_hi)))), 0.05)
-                ref = load_reference_stars(night.reference_catalog, epoch_jyear=_scan_epoch_jyear(night, info),
-                                           ra_range=((ra0 - dra) % 360, (ra0 + dra) % 360),
-                                           dec_range=(dec_lo, dec_hi))
-                reg = run_register(det, commanded_ra=frames["RA_CMD"], commanded_dec=frames["DEC_CMD"],
-                                   reference=ref, nx=inst.nx, ny=inst.ny, config=cfg.register)
-            with timer("transients"):
-                tr = run_transients(det, geometry=reg.geometry, band=band, nframes=info.nframes,
-                                    config=cfg.transients)
+            cal, reg, tr, det, det_r1 = calibrate_and_register(night, info, scan, band, darks, cfg, xp, timer)
+            frames = scan[band].frames
             per_band[band] = (cal, reg, tr, det, det_r1)
             n = info.nframes
             table["band"] += [band] * n
@@ -235,28 +285,9 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
         with timer("atlas"):
             grids = plan_atlas_grids({b: per_band[b][1].geometry for b in per_band}, config=cfg.atlas)
         for band, (cal, reg, tr, det, _det_r1) in per_band.items():
-            # The coadd's own copy of the frames: each frame's background structure (OH
-            # airglow) out, and bad pixels under stars filled with the frame's PSF model;
-            # the point-source fits use the frames as they are.
+            atlas_frames, atlas_mask, noise = coadd_frames(cal, tr, det, reg.geometry, cfg, xp, timer)
+            noises[band] = noise
             with timer("atlas"):
-                transient = xp.asarray(tr.mask)  # uploaded once for the three uses below
-                unusable = (cal.mask_r2r1 != 0) | transient
-            atlas_frames = cal.r2r1
-            if cfg.atlas.frame_background != "none":
-                with timer("atlas"):
-                    if cfg.atlas.frame_background == "plane":
-                        atlas_frames, _ = remove_frame_gradients(cal.r2r1, unusable, config=cfg.atlas)
-                    else:
-                        atlas_frames, _ = flatten_frame_backgrounds(
-                            cal.r2r1, unusable, noise=backend.to_host(cal.noise_r2r1), config=cfg.atlas)
-            with timer("starfill"):
-                atlas_frames, atlas_mask, _ = fill_bad_pixels_under_stars(
-                    atlas_frames, cal.mask_r2r1, transient_mask=transient, detections=det,
-                    geometry=reg.geometry, seeing_fwhm=det.meta["seeing_fwhm"],
-                    noise=backend.to_host(cal.noise_r2r1), config=cfg.starfill,
-                    copy=atlas_frames is cal.r2r1)
-            with timer("atlas"):
-                noise = noises[band] = pixel_noise(cal.r2r1, unusable)
                 seeing = float(np.median(sampled_fwhm_table(np.asarray(det.meta["seeing_fwhm"]),
                                                             scale=reg.geometry.band.scale_arcsec)))
                 for k, grid in enumerate(grids):
@@ -269,7 +300,7 @@ def _process_scan(night: Night, info, darks, cfg: RunConfig, dev: backend.Device
                     writes.append(writer.submit(write_atlas, path, img))
                     outcome.products.append(str(path.relative_to(staging)))
                     images[band].append(img)
-            del atlas_frames, atlas_mask, transient, unusable
+            del atlas_frames, atlas_mask
         with timer("atlas"):
             for done in writes:
                 done.result()  # a failed write fails the scan here
