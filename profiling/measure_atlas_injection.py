@@ -9,9 +9,9 @@ airglow and seeing of the scan:
 1. The scan's front steps as the pipeline runs them (``night.calibrate_and_register``).
 2. Stars on a lattice of every Atlas grid (95" apart, jittered; none within 45" of a truth
    source brighter than 15.5 mag), magnitudes uniform over 0.6–2.5 mag below the R2−R1
-   saturation limit, drawn as the simulator draws stars: a pixel-integrated Moffat
-   (β = 2.5) with each frame's truth seeing and zero point, placed through the truth frame
-   geometry in every frame its stamp touches, with photon noise (gain from the manifest).
+   saturation limit, drawn as the simulator draws stars (:func:`gpu2mass.sim.inject.inject_stars`:
+   a pixel-integrated Moffat, β = 2.5, with each frame's truth seeing and zero point,
+   through the truth frame geometry, with photon noise; the gain from the manifest).
 3. The coadd as the pipeline makes it (``night.coadd_frames`` and ``atlas.run_atlas``) of
    the frames with the stars and of the frames without them (single-frame detection and
    transients are run again on the frames with the stars, so their bad pixels are filled).
@@ -43,7 +43,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from gpu2mass.kernels import render_psf_stamps
 
 from gpu2mass.atlas import plan_atlas_grids, run_atlas
 from gpu2mass.config import load_config
@@ -54,7 +53,8 @@ from gpu2mass.io.products import read_columns
 from gpu2mass.io.rawnight import open_night
 from gpu2mass.night import calibrate_and_register, coadd_frames
 from gpu2mass.sim.galaxy import moffat_alpha_from_fwhm, moffat_enclosed_fraction
-from gpu2mass.sim.psf import moffat_alpha, optical_fwhm
+from gpu2mass.sim.inject import inject_stars, stamp_frames
+from gpu2mass.sim.psf import optical_fwhm
 from gpu2mass.transients import run_transients
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -90,35 +90,6 @@ def inject_positions(grids, src, rng, spacing=SPACING):
                 ra, dec = grid.pixel_to_sky(np.array([x]), np.array([y]))
                 out.append((k, float(ra[0]), float(dec[0])))
     return out
-
-
-def star_frames(truth_geo, ra, dec, nframes, nx, ny):
-    """Every (frame, x, y) whose array the star's stamp touches."""
-    fx, fy = truth_geo.sky_to_pixel(np.arange(nframes), ra, dec)
-    f = np.flatnonzero((fx > -HALF - 1) & (fx < nx + HALF) & (fy > -HALF - 1) & (fy < ny + HALF))
-    return f, fx[f], fy[f]
-
-
-def render_injection(shape, stars, zp, fwhm, scale, gain, rng):
-    """The injected stars' light (n, ny, nx) float32, DN, with photon noise.
-
-    ``stars``: list of (mag, frames, x, y); ``zp``, ``fwhm`` (n,): each frame's truth
-    zero point and seeing (arcsec, as the simulator's truth frames give it)."""
-    _, ny, nx = shape
-    add = np.zeros(shape, np.float32)
-    for mag, frames, xs, ys in stars:
-        for f, x, y in zip(frames, xs, ys, strict=True):
-            alpha = moffat_alpha(optical_fwhm(fwhm[f], scale=scale, beta=BETA) / scale, BETA)
-            cx, cy = int(np.rint(x)), int(np.rint(y))
-            stamp = render_psf_stamps(np.array([x - cx]), np.array([y - cy]),
-                                      np.array([10.0 ** (-0.4 * (mag - zp[f]))]), np.array([alpha]),
-                                      np.array([BETA]), half_size=HALF)[0]
-            y0, x0 = cy - HALF, cx - HALF
-            ys_, xs_ = slice(max(y0, 0), min(y0 + 2 * HALF + 1, ny)), slice(max(x0, 0), min(x0 + 2 * HALF + 1, nx))
-            if ys_.start < ys_.stop and xs_.start < xs_.stop:
-                add[f, ys_, xs_] += stamp[ys_.start - y0:ys_.stop - y0, xs_.start - x0:xs_.stop - x0]
-    noise = np.sqrt(np.maximum(add, 0.0) / gain) * rng.standard_normal(add.shape, dtype=np.float32)
-    return add + noise
 
 
 def aperture_flux(data, x, y):
@@ -159,7 +130,7 @@ def measure_band(night, night_dir: Path, info, band, darks, cfg, rng, spacing=SP
     grids = plan_atlas_grids({band: geo}, config=cfg.atlas)
     where, stars = [], []
     for k, ra, dec in inject_positions(grids, src, rng, spacing):
-        frames, fx, fy = star_frames(truth_geo, ra, dec, n, nx, ny)
+        frames, fx, fy = stamp_frames(truth_geo, ra, dec, HALF)
         # Clear of the scan's truth artifacts (electronic stripes and spikes of saturated
         # stars, persistence ghosts, meteors) in every frame, as measure_atlas_flux.py's
         # truth stars are: a stripe had taken up to 60 % of an injected star's 14" flux.
@@ -174,7 +145,8 @@ def measure_band(night, night_dir: Path, info, band, darks, cfg, rng, spacing=SP
     lo = SATURATED[band] + 0.6
     mags = rng.uniform(lo, lo + 1.9, len(where))
     stars = [(m, *s) for m, s in zip(mags, stars, strict=True)]
-    add = render_injection(cal.r2r1.shape, stars, zp, fwhm, scale, gain, rng)
+    add = inject_stars(cal.r2r1.shape, truth_geo, [w[1] for w in where], [w[2] for w in where], mags,
+                       zp_mag=zp, fwhm_arcsec=fwhm, beta=BETA, gain=gain, rng=rng, half_size=HALF)
 
     def coadd(c, d, t):
         frames, mask, noise = coadd_frames(c, t, d, geo, cfg, np)
