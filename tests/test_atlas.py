@@ -7,6 +7,7 @@ what is tested is the Atlas step alone: planning, resampling, background matchin
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -597,3 +598,62 @@ def test_cosmic_rays_do_not_survive(tiny_night, scans, grids, noises, images):
     z_off, cov_off, on_off = _cosmic_ray_significance(tiny_night, scans, off, "K")
     assert np.mean(z_off[(cov_off >= 2) & ~on_off] > 5.0) > 0.2
     assert sum(img.header["NREJECT"] for img in images["K"]) > 0
+
+
+def test_injected_stars_keep_their_flux(scans, grids, noises, rng):
+    """Artificial stars drawn into the H frames as the simulator draws stars, coadded with
+    each frame's mesh background out (the pipeline's default) and without the stars: on
+    the difference of the two coadds (the sky and its noise cancel) each star's 14" flux
+    is the truth's, and on the coadd with the stars its scatter is the noise's. The
+    artificial-star test of profiling/measure_atlas_injection.py, on the tiny night."""
+    from gpu2mass.sim.inject import inject_stars
+
+    s = scans["H"]
+    src = s.sources
+    mask = np.broadcast_to(s.bad, s.data.shape)
+    base, _ = flatten_frame_backgrounds(s.data, mask, noise=noises["H"])
+    plain = [run_atlas(base, mask=s.bad, geometry=s.geometry, noise=noises["H"], grid=g) for g in grids]
+    # A lattice 60" apart, away from truth sources brighter than 15.5 mag and from the
+    # scan's ends (at least 3 frames everywhere within 45").
+    bright = np.nan_to_num(np.asarray(src[MAG["H"]], float), nan=99.0) < 15.5
+    where = []
+    for k, (g, img) in enumerate(zip(grids, plain, strict=True)):
+        bx, by = g.sky_to_pixel(src["ra"][bright], src["dec"][bright])
+        for yc, xc in itertools.product(np.arange(60, g.ny - 60, 60.0), np.arange(60, g.nx - 60, 60.0)):
+            x, y = xc + rng.uniform(-10, 10), yc + rng.uniform(-10, 10)
+            near = img.coverage[int(y) - 45:int(y) + 46, int(x) - 45:int(x) + 46]
+            if np.any(np.hypot(bx - x, by - y) < 45) or near.min() < 3:
+                continue
+            ra, dec = g.pixel_to_sky(np.array([x]), np.array([y]))
+            where.append((k, float(ra[0]), float(dec[0])))
+    assert len(where) >= 40
+    mag = rng.uniform(9.6, 11.0, len(where))
+    light = inject_stars(s.data.shape, s.geometry, [w[1] for w in where], [w[2] for w in where], mag,
+                         zp_mag=s.frames["zp_mag"], fwhm_arcsec=s.frames["fwhm_arcsec"])
+    with_stars, _ = flatten_frame_backgrounds(s.data + light, mask, noise=noises["H"])
+    diff_ratio, z = [], []
+    for k in sorted({w[0] for w in where}):
+        g, img0 = grids[k], plain[k]
+        img1 = run_atlas(with_stars, mask=s.bad, geometry=s.geometry, noise=noises["H"], grid=g)
+        diff = replace(img1, data=img1.data - img0.data)
+        for (kk, ra, dec), m in zip(where, mag, strict=True):
+            if kk != k:
+                continue
+            x, y = (float(v[0]) for v in g.sky_to_pixel(np.array([ra]), np.array([dec])))
+            held = [f for f in img1.frames if 0 <= s.geometry.sky_to_pixel(f, ra, dec)[1] < 256]
+            fwhm = optical_fwhm(s.frames["fwhm_arcsec"][held].mean(),
+                                scale=s.geometry.band.scale_arcsec, beta=PSF_BETA)
+            truth = 10.0 ** (-0.4 * (m - s.frames["zp_mag"][held].mean())) * moffat_enclosed_fraction(
+                APERTURE_ARCSEC, moffat_alpha_from_fwhm(fwhm, PSF_BETA), PSF_BETA)
+            diff_ratio.append(_aperture_flux(diff, x, y)[0] / truth)
+            f1, e1 = _aperture_flux(img1, x, y)
+            z.append((f1 - truth) / e1)
+    diff_ratio, z = np.array(diff_ratio), np.array(z)
+    # Measured on 43 stars (H 9.6-11): the difference 0.9997 of the truth, robust spread
+    # 0.10 %, 95 % of the stars within 0.37 % (bad pixels under the stars, which the
+    # pipeline's starfill step fills, are left masked here); in units of the noise the
+    # fluxes on the coadd spread by 1.01 (the stars are noiseless: the sky's noise alone).
+    assert abs(np.median(diff_ratio) - 1.0) < 0.002
+    assert 1.4826 * np.median(np.abs(diff_ratio - np.median(diff_ratio))) < 0.003
+    assert np.percentile(np.abs(diff_ratio - 1.0), 95) < 0.01
+    assert 0.7 < 1.4826 * np.median(np.abs(z - np.median(z))) < 1.35
