@@ -238,7 +238,8 @@ def run_register(detections, *, commanded_ra, commanded_dec, reference: Referenc
         # Observations: detection index pairs (d1, d2) and frame pairs (f1, f2); d2 = f2 = -1
         # for a reference match, whose "second position" is the catalog star.
         d1s, d2s, f1s, f2s, res_l, w_l = [], [], [], [], [], []
-        by_frame = [np.flatnonzero(frame == f) for f in range(n)]
+        order = np.argsort(frame, kind="stable")
+        by_frame = np.split(order, np.searchsorted(frame[order], np.arange(1, n)))
         for f in range(n):
             idx = by_frame[f]
             if idx.size == 0:
@@ -264,24 +265,21 @@ def run_register(detections, *, commanded_ra, commanded_dec, reference: Referenc
                 w_l.append(1.0 / (sig[d] ** 2 + ref_xy_err[near][ok] ** 2))
             # Later frames' detections, in this frame's plane: residual 0 − (pos_f − pos_g).
             # One projection for all of them (a call per frame pair cost ~1 s per band).
-            later = [by_frame[g] for g in range(f + 1, min(n, f + cfg.max_frame_gap + 1))]
-            i_all = np.concatenate(later) if later else np.zeros(0, np.int64)
+            # One projection and one tree query for all of them (a call per frame pair cost
+            # ~1 s per band); each detection's match does not depend on the others'.
+            i_all = np.concatenate(by_frame[f + 1:f + cfg.max_frame_gap + 1] or [np.zeros(0, np.int64)])
+            if i_all.size == 0:
+                continue
             x_all, e_all = tan_project(sky_ra[i_all], sky_dec[i_all], cen_ra[f], cen_dec[f])
-            starts = np.cumsum([0] + [len(i) for i in later])
-            for gi, g in enumerate(range(f + 1, min(n, f + cfg.max_frame_gap + 1))):
-                i_g = later[gi]
-                if i_g.size == 0:
-                    continue
-                xg, eg = x_all[starts[gi]:starts[gi + 1]], e_all[starts[gi]:starts[gi + 1]]
-                dist, k = tree.query(np.column_stack([xg, eg]), distance_upper_bound=radius)
-                ok = np.isfinite(dist)
-                dg, df = i_g[ok], idx[k[ok]]
-                d1s.append(df)
-                d2s.append(dg)
-                f1s.append(np.full(df.size, f))
-                f2s.append(np.full(df.size, g))
-                res_l.append(np.column_stack([xg[ok] - xi[df], eg[ok] - eta[df]]))
-                w_l.append(1.0 / (sig[df] ** 2 + sig[dg] ** 2))
+            dist, k = tree.query(np.column_stack([x_all, e_all]), distance_upper_bound=radius)
+            ok = np.isfinite(dist)
+            dg, df = i_all[ok], idx[k[ok]]
+            d1s.append(df)
+            d2s.append(dg)
+            f1s.append(np.full(df.size, f))
+            f2s.append(frame[dg])
+            res_l.append(np.column_stack([x_all[ok] - xi[df], e_all[ok] - eta[df]]))
+            w_l.append(1.0 / (sig[df] ** 2 + sig[dg] ** 2))
         if not res_l:
             raise StepError("no matches between detections and reference stars or between frames")
         d1, d2 = np.concatenate(d1s), np.concatenate(d2s)
