@@ -316,9 +316,12 @@ def pixel_noise(frames, mask):
     Unlike the histogram width of :class:`CalibratedFrames` (2MASS's frame noise, which
     also holds sky structure such as H-band airglow waves), this is blind to structure
     larger than a pixel: the noise that propagates into resampled images and apertures.
-    ``mask`` (n, ny, nx): non-zero pixels are left out.
+    ``mask`` (n, ny, nx): non-zero pixels are left out. Every second row is used: its
+    ~32,000 pairs per 256 × 256 frame give the noise to ~0.6 % (rms), and the sort is the
+    step's cost (0.29 s per band of a 273-frame scan with every row, 0.09 s with half).
     """
     xp = get_namespace(frames, mask)
+    frames, mask = frames[:, ::2], mask[:, ::2]
     good = mask == 0
     pair = good[:, :, 1:] & good[:, :, :-1]
     diff = frames[:, :, 1:] - frames[:, :, :-1]
