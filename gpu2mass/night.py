@@ -139,6 +139,7 @@ def _scan_epoch_jyear(night: Night, scan) -> float:
 
 
 def _no_timer(stage: str):
+    """A timer that times nothing (for callers outside a night run)."""
     return nullcontext()
 
 

@@ -264,7 +264,6 @@ def run_register(detections, *, commanded_ra, commanded_dec, reference: Referenc
                 res_l.append(np.column_stack([xr[ok] - xi[d], er[ok] - eta[d]]))
                 w_l.append(1.0 / (sig[d] ** 2 + ref_xy_err[near][ok] ** 2))
             # Later frames' detections, in this frame's plane: residual 0 − (pos_f − pos_g).
-            # One projection for all of them (a call per frame pair cost ~1 s per band).
             # One projection and one tree query for all of them (a call per frame pair cost
             # ~1 s per band); each detection's match does not depend on the others'.
             i_all = np.concatenate(by_frame[f + 1:f + cfg.max_frame_gap + 1] or [np.zeros(0, np.int64)])
