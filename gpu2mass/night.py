@@ -219,19 +219,20 @@ def coadd_frames(cal, tr, det, geometry, cfg: RunConfig, xp, timer: Callable = _
     with timer("atlas"):
         transient = xp.asarray(tr.mask)  # uploaded once for the three uses below
         unusable = (cal.mask_r2r1 != 0) | transient
+        frame_noise = backend.to_host(cal.noise_r2r1)
     frames = cal.r2r1
     if cfg.atlas.frame_background != "none":
         with timer("atlas"):
             if cfg.atlas.frame_background == "plane":
                 frames, _ = remove_frame_gradients(cal.r2r1, unusable, config=cfg.atlas)
             else:
-                frames, _ = flatten_frame_backgrounds(
-                    cal.r2r1, unusable, noise=backend.to_host(cal.noise_r2r1), config=cfg.atlas)
+                frames, _ = flatten_frame_backgrounds(cal.r2r1, unusable, noise=frame_noise,
+                                                      config=cfg.atlas)
     with timer("starfill"):
         frames, mask, _ = fill_bad_pixels_under_stars(
             frames, cal.mask_r2r1, transient_mask=transient, detections=det, geometry=geometry,
-            seeing_fwhm=det.meta["seeing_fwhm"], noise=backend.to_host(cal.noise_r2r1),
-            config=cfg.starfill, copy=frames is cal.r2r1)
+            seeing_fwhm=det.meta["seeing_fwhm"], noise=frame_noise, config=cfg.starfill,
+            copy=frames is cal.r2r1)
     with timer("atlas"):
         noise = pixel_noise(cal.r2r1, unusable)
     return frames, mask, noise

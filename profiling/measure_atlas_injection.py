@@ -162,6 +162,7 @@ def measure_band(night, night_dir: Path, info, band, darks, cfg, rng, spacing=SP
     has = np.isfinite(m_band)
     m_band = m_band[has]
     src_xy = [g.sky_to_pixel(src["ra"][has], src["dec"][has]) for g in grids]
+    yy, xx = np.mgrid[0:83, 0:83]  # the cut-outs of aperture_flux
     rows = []
     for (k, ra, dec), (mag, frames, fx, fy) in zip(where, stars, strict=True):
         x, y = (float(v[0]) for v in grids[k].sky_to_pixel(np.array([ra]), np.array([dec])))
@@ -179,7 +180,6 @@ def measure_band(night, night_dir: Path, info, band, darks, cfg, rng, spacing=SP
         truth = truth_star = total * moffat_enclosed_fraction(APERTURE, alpha, BETA)
         # The fainter truth sources' light in the aperture (all are fainter than CLEAR_MAG).
         sx, sy = src_xy[k]
-        yy, xx = np.mgrid[0:83, 0:83]
         for j in np.flatnonzero((np.abs(sx - x) < APERTURE + 9) & (np.abs(sy - y) < APERTURE + 9)):
             rr2 = (xx + c0 - sx[j]) ** 2 + (yy + r0 - sy[j]) ** 2
             dens = (BETA - 1) / (np.pi * alpha**2) * (1 + rr2 / alpha**2) ** -BETA
