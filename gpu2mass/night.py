@@ -198,7 +198,8 @@ def calibrate_and_register(night: Night, info, scan, band: str, darks, cfg: RunC
                            reference=ref, nx=inst.nx, ny=inst.ny, config=cfg.register)
     with timer("transients"):
         tr = run_transients(det, geometry=reg.geometry, band=band, nframes=info.nframes,
-                            config=cfg.transients)
+                            frames=cal.r2r1, frame_mask=cal.mask_r2r1, noise=cal.noise_r2r1,
+                            seeing_fwhm=det.meta["seeing_fwhm"], config=cfg.transients)
     return cal, reg, tr, det, det_r1
 
 

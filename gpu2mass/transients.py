@@ -9,6 +9,12 @@ and the meteor and satellite streaks they line up into (facts sheet 2.3, 2MAPPS 
   whatever their brightness, so that they cannot survive into the Atlas Images; so are
   sharp detections where no other frame covers the sky (the ends of a scan), which can be
   neither confirmed nor rejected in the coadd.
+- **Lone sharp pixels.** Where no other frame covers the sky, a cosmic ray that the frame
+  detection drops (a single hot pixel fails Tsnr, whose 3 x 3 sum dilutes it, yet the Atlas
+  Image's interpolation makes it a source of SNR ~20) is found on the pixels themselves
+  when the frames are given: a local maximum whose eight neighbours hold significantly
+  less flux than the sharpest star the frame's seeing allows could put there. The pixel
+  and its neighbours are masked. Elsewhere the coadd's outlier rejection removes them.
 - **Streaks**: in each frame, the line through two solos that has the most solos within
   3" of it is taken if it has ≥ 15 of them over ≥ 20"; its solos are removed and the search
   repeats. A streak is blanked edge to edge across its frame with width 6 × (count // 8)
@@ -25,7 +31,7 @@ from scipy.spatial import cKDTree
 
 from gpu2mass.geometry import FrameGeometry
 
-__all__ = ["Streak", "TransientConfig", "Transients", "run_transients"]
+__all__ = ["Streak", "TransientConfig", "Transients", "lone_regions", "lone_sharp_pixels", "run_transients"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,19 @@ class TransientConfig:
         Streaks found in more than this many frames are blanked along their length only.
     pixel_scale_arcsec
         Nominal frame pixel scale, for turning arcsec into pixels in frame coordinates.
+    lone_pixel_min_sigma
+        A lone sharp pixel (module docstring) is at least this many frame noise units.
+    lone_pixel_sigma
+        ... and its eight neighbours hold at least this many noise units (of their
+        difference) less than a star would: the star, a Moffat of index ``psf_beta``
+        integrated over the pixels, centred anywhere on the pixel, FWHM the frame's seeing
+        times ``lone_pixel_fwhm_factor``. Decision (2MASS masked solos only): 4 units and
+        0.8 keep a star's chance of being masked to the 4-sigma tail (~3e-5) even with a
+        seeing estimate 15 % too broad; single-pixel hits are found half the time at ~22
+        noise units and always above ~35 at the sharpest seeing (1.7"), at ~17 and above
+        ~25 at 2" (tests). Fainter hits make Atlas sources of SNR ≲ 10.
+    psf_beta
+        Moffat index of the frames' PSF (2.5, as the frame detection's template).
     """
 
     confirm_radius_arcsec: float = 2.0
@@ -65,6 +84,10 @@ class TransientConfig:
     streak_min_length_arcsec: float = 20.0
     streak_multi_frame: int = 2
     pixel_scale_arcsec: float = 2.0
+    lone_pixel_min_sigma: float = 5.0
+    lone_pixel_sigma: float = 4.0
+    lone_pixel_fwhm_factor: float = 0.8
+    psf_beta: float = 2.5
 
 
 @dataclass(frozen=True)
@@ -85,12 +108,14 @@ class Streak:
 class Transients:
     """Result of :func:`run_transients` for one band of one scan.
 
-    ``solo`` (bool per input detection), ``streaks``, and ``mask`` (n, ny, nx) bool:
-    pixels to exclude from the Atlas Images (True = masked)."""
+    ``solo`` (bool per input detection), ``streaks``, ``mask`` (n, ny, nx) bool: pixels
+    to exclude from the Atlas Images (True = masked), and ``lone_pixels`` (k, 3) int:
+    (frame, y, x) of the lone sharp pixels found (empty when no frames were given)."""
 
     solo: np.ndarray
     streaks: tuple[Streak, ...]
     mask: np.ndarray
+    lone_pixels: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), int))
 
 
 def _covering(geometry: FrameGeometry, ra, dec, nframes, margin_px=2.0):
@@ -107,6 +132,148 @@ def _covering(geometry: FrameGeometry, ra, dec, nframes, margin_px=2.0):
         for i in idx[ok]:
             out[i].append(g)
     return out
+
+
+def lone_regions(geometry: FrameGeometry, nframes: int, *, edge_px: float = 0.5) -> dict[int, np.ndarray]:
+    """The pixels whose sky no other frame holds: frame index → (ny, nx) bool.
+
+    Another frame holds a pixel's centre when it falls at least ``edge_px`` inside that
+    frame's outer pixel edges (0.5: on a pixel of that frame that has all its
+    neighbours). Only frames with such pixels are keys: on a scan, the first and last
+    frames' outer ends (~41 rows at 2MASS's frame step) and the array's outer columns
+    where the frames' cross-scan dithers leave them alone. A grid of every fourth pixel
+    (edges included) finds the candidate areas; the pixels within 4 of a lone grid point
+    are then tested one by one (frames step along the scan by much more than the grid,
+    so no lone strip hides between its points).
+    """
+    nx, ny = geometry.band.nx, geometry.band.ny
+    sep = np.hypot((geometry.ra - geometry.ra[0]) * np.cos(np.deg2rad(geometry.dec)), geometry.dec - geometry.dec[0])
+    # Frames whose centres lie farther apart than the array's diagonal cannot overlap.
+    reach = 1.1 * np.hypot(nx, ny) * geometry.band.scale_arcsec / 3600.0
+
+    # Frame f's pixels → frame g's pixels is smooth (one camera's distortion, frames a
+    # few arcmin apart): a quadratic in (x, y) fitted to 5 x 5 exact transforms holds it
+    # to far better than the 0.5 px that matter here, at a fraction of the cost.
+    gy5, gx5 = (a.ravel() for a in np.meshgrid(np.linspace(0, ny - 1, 5), np.linspace(0, nx - 1, 5), indexing="ij"))
+
+    def design(x, y):
+        u, v = (x - 0.5 * (nx - 1)) / nx, (y - 0.5 * (ny - 1)) / ny
+        return np.column_stack([np.ones_like(u), u, v, u * u, u * v, v * v])
+
+    solve = np.linalg.pinv(design(gx5, gy5))
+
+    def lone_test(f):
+        others = np.flatnonzero(np.abs(sep[:nframes] - sep[f]) < reach)
+        others = others[others != f]
+        if others.size == 0:
+            return lambda x, y: np.ones(np.shape(x), bool)
+        ra, dec = geometry.pixel_to_sky(f, gx5, gy5)
+        ox, oy = geometry.sky_to_pixel(others[:, None], ra[None, :], dec[None, :])
+        cxy = solve @ np.concatenate([ox, oy]).T  # (6, 2 k)
+
+        def lone(x, y):
+            mapped = design(x, y) @ cxy
+            gx, gy = mapped[:, :others.size], mapped[:, others.size:]
+            held = ((gx >= edge_px - 0.5) & (gx <= nx - 0.5 - edge_px)
+                    & (gy >= edge_px - 0.5) & (gy <= ny - 0.5 - edge_px))
+            return ~held.any(axis=1)
+
+        return lone
+
+    step = 4
+    cy = np.unique(np.r_[np.arange(0, ny, step), ny - 1])
+    cx = np.unique(np.r_[np.arange(0, nx, step), nx - 1])
+    coarse_y, coarse_x = np.meshgrid(cy, cx, indexing="ij")
+    rim = np.zeros(coarse_y.shape, bool)
+    rim[[0, -1], :] = rim[:, [0, -1]] = True
+    out = {}
+    for f in range(nframes):
+        lone = lone_test(f)
+        # A lone area reaches the array's rim (other frames' outlines leave no interior
+        # holes on a scan): grow it inwards from the rim over the coarse grid.
+        tested = rim.copy()
+        coarse = np.zeros(rim.shape, bool)
+        coarse[rim] = lone(coarse_x[rim].astype(float), coarse_y[rim].astype(float))
+        while True:
+            grown = coarse.copy()
+            grown[1:] |= coarse[:-1]
+            grown[:-1] |= coarse[1:]
+            grown[:, 1:] |= grown[:, :-1]
+            grown[:, :-1] |= grown[:, 1:]
+            new = grown & ~tested
+            if not new.any():
+                break
+            tested |= new
+            coarse[new] = lone(coarse_x[new].astype(float), coarse_y[new].astype(float))
+        if not coarse.any():
+            continue
+        near = np.zeros((ny, nx), bool)
+        for y, x in zip(coarse_y[coarse], coarse_x[coarse], strict=True):
+            near[max(y - step, 0):y + step + 1, max(x - step, 0):x + step + 1] = True
+        ys, xs = np.nonzero(near)
+        region = np.zeros((ny, nx), bool)
+        region[ys, xs] = lone(xs.astype(float), ys.astype(float))
+        if region.any():
+            out[f] = region
+    return out
+
+
+def _neighbour_ratios(fwhm_arcsec: float, cfg: TransientConfig) -> np.ndarray:
+    """(phases, 8): a star's flux in each of the 8 neighbours over the flux in the pixel
+    it is centred on, for centres on an 11 x 11 grid over that pixel; the neighbours in
+    :data:`_NEIGHBOURS` order."""
+    from gpu2mass.brightstars import moffat_pixel_template
+    from gpu2mass.framedet import moffat_alpha_px
+
+    alpha = moffat_alpha_px(fwhm_arcsec, cfg.psf_beta, cfg.pixel_scale_arcsec)
+    ph = np.linspace(-0.5, 0.5, 11)
+    py, px = (a.ravel() for a in np.meshgrid(ph, ph, indexing="ij"))
+    dy, dx = np.array(_NEIGHBOURS).T
+    centre = moffat_pixel_template(-px, -py, alpha, cfg.psf_beta)[0]
+    nb = moffat_pixel_template(dx[None, :] - px[:, None], dy[None, :] - py[:, None], alpha, cfg.psf_beta)[0]
+    return nb / centre[:, None]
+
+
+#: The 8 neighbours of a pixel, (dy, dx).
+_NEIGHBOURS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
+
+
+def lone_sharp_pixels(image, mask, noise: float, region, fwhm_arcsec: float,
+                      config: TransientConfig = TransientConfig()) -> np.ndarray:
+    """Pixels sharper than any star where no other frame covers the sky (module docstring).
+
+    ``image``: (ny, nx) calibrated, sky-subtracted frame, DN; ``mask`` (ny, nx) bool, True
+    unusable; ``noise`` its pixel noise, DN; ``region`` (ny, nx) bool, where to look;
+    ``fwhm_arcsec`` the frame's seeing (Moffat FWHM). Returns (k, 2) int (y, x).
+
+    A pixel qualifies when it is unmasked, in ``region``, above ``lone_pixel_min_sigma``
+    noise units and above its unmasked neighbours, and when the sum S of those neighbours
+    falls short of q v (v the pixel, q the least share a star of the sharpened seeing can
+    put in those same neighbours relative to the pixel it is centred on) by more than
+    ``lone_pixel_sigma`` × noise × sqrt(n + q²), the noise of q v − S for n neighbours.
+    q is the least over the star's centres on the pixel, so beside a bad pixel (a star
+    centred between the two shows half of itself) a hit must be brighter to qualify.
+    """
+    cfg = config
+    v = np.asarray(image, float)
+    usable = ~np.asarray(mask, bool)
+    ny, nx = v.shape
+    pad_v = np.pad(np.where(usable, v, 0.0), 1)
+    pad_ok = np.pad(usable, 1)
+    nb_v = np.stack([pad_v[1 + dy:1 + dy + ny, 1 + dx:1 + dx + nx] for dy, dx in _NEIGHBOURS], axis=-1)
+    nb_ok = np.stack([pad_ok[1 + dy:1 + dy + ny, 1 + dx:1 + dx + nx] for dy, dx in _NEIGHBOURS], axis=-1)
+    cand = region & usable & (v > cfg.lone_pixel_min_sigma * noise)
+    cand &= np.all(~nb_ok | (nb_v < v[..., None]), axis=-1)
+    ys, xs = np.nonzero(cand)
+    if ys.size == 0:
+        return np.zeros((0, 2), int)
+    ok = nb_ok[ys, xs]  # (k, 8)
+    ratios = _neighbour_ratios(cfg.lone_pixel_fwhm_factor * fwhm_arcsec, cfg)  # (phases, 8)
+    q = (ok.astype(float) @ ratios.T).min(axis=1)  # the sharpest star over the centres
+    s = (nb_v[ys, xs] * ok).sum(axis=1)
+    n = ok.sum(axis=1)
+    sharp = q * v[ys, xs] - s > cfg.lone_pixel_sigma * noise * np.sqrt(n + q * q)
+    return np.column_stack([ys[sharp], xs[sharp]])
 
 
 def _find_streaks(frame: int, x, y, cfg: TransientConfig, nx, ny):
@@ -162,11 +329,16 @@ def _blank(mask2d, s: Streak, *, full: bool):
 
 
 def run_transients(detections, *, geometry: FrameGeometry, band: str, nframes: int,
+                   frames=None, frame_mask=None, noise=None, seeing_fwhm=None,
                    config: TransientConfig = TransientConfig()) -> Transients:
     """Find solos and streaks among one band's single-frame detections and build masks.
 
     ``detections`` has columns ``frame``, ``x``, ``y``, ``flux`` (4" aperture, DN) and
-    optionally ``fpeak``; ``geometry`` is the band's solved frame geometry.
+    optionally ``fpeak``; ``geometry`` is the band's solved frame geometry. With
+    ``frames`` ((n, ny, nx) calibrated R2−R1 frames, NumPy or CuPy), ``frame_mask``
+    ((ny, nx) or (n, ny, nx), non-zero unusable), ``noise`` ((n,) DN) and ``seeing_fwhm``
+    ((n,) arcsec), the lone sharp pixels are found and masked too (module docstring);
+    only the few frames with lone pixels are copied to the host.
     """
     cfg = config
     nx, ny = geometry.band.nx, geometry.band.ny
@@ -178,7 +350,8 @@ def run_transients(detections, *, geometry: FrameGeometry, band: str, nframes: i
     fpeak = np.asarray(detections["fpeak"], float) if "fpeak" in names else np.zeros(x.size)
     mask = np.zeros((nframes, ny, nx), bool)
     if x.size == 0:
-        return Transients(np.zeros(0, bool), (), mask)
+        lone = _mask_lone_sharp_pixels(mask, geometry, nframes, frames, frame_mask, noise, seeing_fwhm, cfg)
+        return Transients(np.zeros(0, bool), (), mask, lone)
     ra, dec = geometry.pixel_to_sky(frame, x, y)
     # Confirmation: a detection in another covering frame within the radius.
     xi0 = np.deg2rad(ra) * np.cos(np.deg2rad(dec.mean()))
@@ -218,4 +391,27 @@ def run_transients(detections, *, geometry: FrameGeometry, band: str, nframes: i
     multi = len({s.frame for s in streaks}) > cfg.streak_multi_frame
     for s in streaks:
         _blank(mask[s.frame], s, full=not multi)
-    return Transients(solo, tuple(streaks), mask)
+    lone = _mask_lone_sharp_pixels(mask, geometry, nframes, frames, frame_mask, noise, seeing_fwhm, cfg)
+    return Transients(solo, tuple(streaks), mask, lone)
+
+
+def _mask_lone_sharp_pixels(mask, geometry, nframes, frames, frame_mask, noise, seeing_fwhm, cfg):
+    """Find the lone sharp pixels of every frame, mask each with its neighbours; (k, 3)."""
+    from gpu2mass.backend import to_host
+
+    found = [np.zeros((0, 3), int)]
+    if frames is None:
+        return found[0]
+    if frame_mask is None or noise is None or seeing_fwhm is None:
+        raise TypeError("run_transients: frames need frame_mask, noise and seeing_fwhm too")
+    noise = np.asarray(to_host(noise), float)
+    seeing = np.broadcast_to(np.asarray(to_host(seeing_fwhm), float), (nframes,))
+    ny, nx = mask.shape[1:]
+    for f, region in lone_regions(geometry, nframes).items():
+        fm = frame_mask if frame_mask.ndim == 2 else frame_mask[f]
+        yx = lone_sharp_pixels(to_host(frames[f]), to_host(fm) != 0, float(noise[f]), region,
+                               float(seeing[f]), cfg)
+        for y, x in yx:
+            mask[f, max(y - 1, 0):min(y + 2, ny), max(x - 1, 0):min(x + 2, nx)] = True
+        found.append(np.column_stack([np.full(len(yx), f), yx]))
+    return np.concatenate(found).astype(int)

@@ -155,7 +155,9 @@ def measure_band(night, night_dir: Path, info, band, darks, cfg, rng, spacing=SP
     plain = coadd(cal, det, tr)
     cal_in = replace(cal, r2r1=cal.r2r1 + add)
     det_in = run_frame_detection(cal_in.r2r1, mask=cal.mask_r2r1, noise=cal.noise_r2r1, config=cfg.framedet)
-    tr_in = run_transients(det_in, geometry=geo, band=band, nframes=n, config=cfg.transients)
+    tr_in = run_transients(det_in, geometry=geo, band=band, nframes=n, frames=cal_in.r2r1,
+                           frame_mask=cal.mask_r2r1, noise=cal.noise_r2r1,
+                           seeing_fwhm=det_in.meta["seeing_fwhm"], config=cfg.transients)
     injected = coadd(cal_in, det_in, tr_in)
 
     m_band = np.asarray(src[MAG[band]], float)

@@ -201,7 +201,9 @@ def _meteor_masks(night: Path, art: dict) -> dict:
                                        ra_range=(ra0 - 0.3, ra0 + 0.3),
                                        dec_range=(fr["DEC_CMD"].min() - 0.25, fr["DEC_CMD"].max() + 0.25))
             reg = run_register(det, commanded_ra=fr["RA_CMD"], commanded_dec=fr["DEC_CMD"], reference=ref)
-            tr = run_transients(det, geometry=reg.geometry, band=band, nframes=info.nframes)
+            tr = run_transients(det, geometry=reg.geometry, band=band, nframes=info.nframes,
+                                frames=cal.r2r1, frame_mask=cal.mask_r2r1, noise=cal.noise_r2r1,
+                                seeing_fwhm=det.meta["seeing_fwhm"])
             for k in met:
                 f = int(art["frame"][k])
                 x0, y0, x1, y1 = art["x0"][k], art["y0"][k], art["x1"][k], art["y1"][k]

@@ -107,3 +107,104 @@ def test_sharp_detections_no_other_frame_covers_are_masked(tiny_night, rng):
     assert res.mask[n - 1, int(y_end), int(x_end)]
     assert not res.mask[n - 1, int(y_end), int(x_end - 40.0)]
     assert not res.solo[-2:].any()
+
+
+def test_lone_regions_match_the_exact_coverage(tiny_night):
+    """The pixels no other frame holds, from the screened quadratic maps, against every
+    pixel transformed exactly: the first and last frames' outer ends, the array's side
+    columns where the dithers leave them, nothing else."""
+    from gpu2mass.transients import lone_regions
+
+    geo = frame_geometry_from_truth(tiny_night, 3, "K")
+    n = geo.nframes
+    regions = lone_regions(geo, n)
+    gy, gx = np.mgrid[0:256, 0:256].astype(float)
+    for f in range(n):
+        ra, dec = geo.pixel_to_sky(f, gx.ravel(), gy.ravel())
+        held = np.zeros(ra.size, bool)
+        for g in range(n):
+            if g != f:
+                x, y = geo.sky_to_pixel(g, ra, dec)
+                held |= (x >= 0) & (x <= 255) & (y >= 0) & (y <= 255)
+        exact = ~held.reshape(256, 256)
+        got = regions.get(f, np.zeros((256, 256), bool))
+        assert (got != exact).sum() <= 3, f  # pixel centres within ~0.01 px of an edge
+    # The scan's ends: ~41 rows of 256 (82.8" steps of 2" pixels) in the first and last frames.
+    for f in (0, n - 1):
+        assert 35 * 256 < regions[f].sum() < 48 * 256
+    assert all(regions[f].sum() < 3 * 256 for f in range(1, n - 1) if f in regions)
+
+
+def test_lone_sharp_pixels_find_hits_and_spare_stars(rng):
+    """None of ~3800 stars (peak 5–300 noise units, centred anywhere on their pixel, seeing
+    1.7"–2.6") is taken for a hit even when the test is told a seeing 15 % broader than
+    the truth; told the truth, every single-pixel hit of ≥ 40 noise units is found (≥ 30
+    at seeing ≥ 2"); an equal two-pixel hit is as broad as a 1.7"–2" star and left, but
+    sharper than a 2.6" one and found when bright (≥ 60 units). At 1.7" a star's
+    neighbours hold only ~0.6 of its peak, so a hit must stand well clear of its
+    neighbours' noise: half of those of ~22 units are found there (measured, 1.7": 35 % at
+    16–20, 73 % at 20–25, 93 % at 25–30, 99.7 % at 30–40; 2.0": 81 %, 98 %, 100 %)."""
+    from gpu2mass.framedet import moffat_alpha_px
+    from gpu2mass.kernels.psf import add_stamps, render_psf_stamps
+    from gpu2mass.transients import lone_sharp_pixels
+
+    noise, ny, nx = 10.0, 256, 256
+    n_star = 0
+    for fwhm in (1.7, 2.0, 2.6):
+        for _ in range(3):
+            img = rng.normal(0, noise, (ny, nx)).astype(np.float32)
+            mask = rng.random((ny, nx)) < 0.01  # bad pixels next to some candidates
+            # Stars on a 12-px grid, hits between them.
+            sy, sx = (a.ravel() for a in np.meshgrid(np.arange(8, ny - 8, 12), np.arange(8, nx - 8, 12), indexing="ij"))
+            fx, fy = rng.uniform(-0.5, 0.5, sx.size), rng.uniform(-0.5, 0.5, sx.size)
+            alpha = moffat_alpha_px(fwhm, 2.5, 2.0)
+            peak_frac = render_psf_stamps(np.zeros(1), np.zeros(1), 1.0, alpha, 2.5, half_size=0)[0, 0, 0]
+            flux = np.exp(rng.uniform(np.log(5), np.log(300), sx.size)) * noise / peak_frac
+            stamps = render_psf_stamps(fx, fy, flux, alpha, 2.5, half_size=4)
+            add_stamps(img, stamps, sx - 4, sy - 4)
+            n_star += sx.size
+            hy, hx = sy[:-1] + 6, sx[:-1] + 6
+            single = np.arange(hy.size) % 2 == 0
+            amp = np.exp(rng.uniform(np.log(16), np.log(200), hy.size)) * noise
+            img[hy, hx] += amp
+            img[hy[~single], hx[~single] + 1] += amp[~single]  # equal two-pixel hits
+            everywhere = np.ones((ny, nx), bool)
+            broad = lone_sharp_pixels(img, mask, noise, everywhere, 1.15 * fwhm)
+            stars = {(int(y), int(x)) for y, x in zip(sy, sx, strict=True)}
+            assert not any(abs(y - a) <= 1 and abs(x - b) <= 1 for y, x in broad for a, b in stars)
+            got = {(int(y), int(x)) for y, x in lone_sharp_pixels(img, mask, noise, everywhere, fwhm)}
+            assert not any(abs(y - a) <= 1 and abs(x - b) <= 1 for y, x in got for a, b in stars)
+            hit = np.array([(int(y), int(x)) in got for y, x in zip(hy, hx, strict=True)])
+            # No bad pixel beside the hit: a star centred between a pixel and a bad neighbour
+            # shows only half of itself, so hits there must be brighter to be told apart.
+            near_bad = np.array([mask[y - 1:y + 2, x - 1:x + 3].any() for y, x in zip(hy, hx, strict=True)])
+            clear = single & ~near_bad
+            assert hit[clear & (amp >= (40 if fwhm < 2 else 30) * noise)].all()  # before pairs join
+            pair = ~single & ~near_bad
+            hit |= np.array([(int(y), int(x) + 1) in got for y, x in zip(hy, hx, strict=True)])
+            if fwhm <= 2.0:
+                assert not hit[pair].any()  # as broad as the PSF, whose neighbours hold < its peak
+            else:
+                # A star of 2.6" puts more in its neighbours than in its peak: a bright pair
+                # is sharper than it, a hit.
+                assert hit[pair & (amp >= 60 * noise)].all()
+    assert n_star > 3500
+
+
+def test_lone_sharp_pixels_are_masked_at_the_ends_of_a_scan(tiny_night):
+    """With the frames given, a hot pixel at the far end of the last frame (no other frame
+    covers it, and the frame detection's Tsnr drops it) is masked with its neighbours;
+    the same hit where other frames cover the sky is left to the coadd."""
+    geo = frame_geometry_from_truth(tiny_night, 3, "K")
+    n = geo.nframes
+    rng = np.random.default_rng(3)
+    frames = rng.normal(0, 10.0, (n, 256, 256)).astype(np.float32)
+    y_end = 252 if geo.dec[-1] > geo.dec[0] else 3
+    frames[n - 1, y_end, 100] += 250.0
+    frames[n - 1, 128, 100] += 250.0
+    empty = {"frame": np.array([], int), "x": np.array([]), "y": np.array([]), "flux": np.array([])}
+    res = run_transients(empty, geometry=geo, band="K", nframes=n, frames=frames,
+                         frame_mask=np.zeros((256, 256), bool), noise=np.full(n, 10.0),
+                         seeing_fwhm=np.full(n, 2.0))
+    assert res.lone_pixels.tolist() == [[n - 1, y_end, 100]]
+    assert res.mask[n - 1, y_end - 1:y_end + 2, 99:102].all() and res.mask.sum() == 9
