@@ -8,10 +8,13 @@ moved to the scan epoch by their proper motions):
 - reliability: the fraction of detections with SNR ≥ 10 and no artifact flag (no
   upper-case ``cc_flg`` letter: 2MASS's marks of a detection that is an artifact) that lie
   within 2" of a truth source (stars, galaxies, and asteroids where the scan passed them:
-  ``gpu2mass.validate``'s truth positions) or of the band's photocentre of two truth
-  sources closer than the blend radius (5", inside which 2MASS fitted candidates together:
-  a pair that the detection does not split is one real detection at its photocentre,
-  which can lie more than 2" from both); over all rows, and over the rows of the PSC's
+  ``gpu2mass.validate``'s truth positions), of the band's photocentre of a pair or a
+  linked group of truth sources closer than the blend radius (5", inside which 2MASS
+  fitted candidates together: a group that the detection does not split is one real
+  detection at its photocentre, which can lie more than 2" from each), or inside a truth
+  galaxy's half-light ellipse (a resolved galaxy fitted by point sources comes out in
+  pieces; 2MASS marked them ``gal_contam``; counted and printed apart: :func:`explained_by_truth`);
+  over all rows, and over the rows of the PSC's
   area (selection rule 1: more than 10" from the scan's edges, ``dist_edge_ns`` and
   ``dist_edge_ew``), and over the rows the PSC selection keeps (rules 1–6, which add
   ``psfchi`` < 10 and the frame statistics of ``ndet``: 2MASS quoted its reliability for
@@ -62,6 +65,71 @@ RESOLVED_ARCSEC = 3.0
 BLEND_ARCSEC = 5.0
 
 
+def explained_by_truth(det_xy, src_xy, m_band, kind, r_eff, axis_ratio, pa_deg, radius=2.0):
+    """Which detections the truth explains, and which of those only a galaxy's body does.
+
+    ``det_xy`` (n, 2) and ``src_xy`` (m, 2): tangent-plane (ξ east, η north) arcsec;
+    ``m_band`` (m,) the truth sources' magnitudes in the band; ``kind``, ``r_eff``
+    (arcsec), ``axis_ratio``, ``pa_deg`` (east of north) their truth columns. A detection
+    is explained when it lies within ``radius`` of
+
+    - a truth source;
+    - the band's photocentre of a group of truth sources linked by separations under
+      the blend radius (5": 2MASS fitted such candidates together, and a group it does
+      not split is one real detection at the photocentre of the group, or of any pair in
+      it, which can lie more than 2" from each member);
+    - or the body of a truth galaxy: inside its half-light ellipse (semi-axes ``r_eff``
+      and ``r_eff × axis_ratio``, each at least ``radius``). A resolved galaxy fitted by
+      point sources comes out in pieces (2MASS marked such point sources with
+      ``gal_contam`` from the extended-source catalogue; those pieces are real light).
+
+    Returns ``(explained, galaxy_only)``, bool (n,).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(det_xy)
+    if n == 0 or len(src_xy) == 0:
+        return np.zeros(n, bool), np.zeros(n, bool)
+    stree = cKDTree(src_xy)
+    d, _ = stree.query(det_xy, distance_upper_bound=radius)
+    point = np.isfinite(d)
+    w = 10 ** (-0.4 * np.nan_to_num(m_band, nan=99.0))
+    pairs = stree.query_pairs(BLEND_ARCSEC, output_type="ndarray")
+    centres = []
+    if len(pairs):
+        centres.append((src_xy[pairs] * w[pairs][:, :, None]).sum(1) / w[pairs].sum(1)[:, None])
+        graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(src_xy),) * 2)
+        _, label = connected_components(graph, directed=False)
+        size = np.bincount(label)
+        big = np.flatnonzero(size >= 3)
+        if big.size:
+            members = np.isin(label, big)
+            lab = label[members]
+            wsum = np.bincount(lab, w[members], minlength=label.max() + 1)[big]
+            cx = np.bincount(lab, w[members] * src_xy[members, 0], minlength=label.max() + 1)[big] / wsum
+            cy = np.bincount(lab, w[members] * src_xy[members, 1], minlength=label.max() + 1)[big] / wsum
+            centres.append(np.column_stack([cx, cy]))
+    if centres:
+        db, _ = cKDTree(np.concatenate(centres)).query(det_xy, distance_upper_bound=radius)
+        point |= np.isfinite(db)
+    on_galaxy = np.zeros(n, bool)
+    gal = np.flatnonzero((np.asarray(kind) == "galaxy") & np.isfinite(np.asarray(r_eff, float)))
+    if gal.size:
+        a = np.maximum(np.asarray(r_eff, float)[gal], radius)
+        b = np.maximum(np.asarray(r_eff, float)[gal] * np.nan_to_num(np.asarray(axis_ratio, float)[gal], nan=1.0), radius)
+        t = np.deg2rad(np.nan_to_num(np.asarray(pa_deg, float)[gal]))
+        for i, near in enumerate(cKDTree(src_xy[gal]).query_ball_point(det_xy, a.max())):
+            if point[i] or not near:
+                continue
+            k = np.asarray(near)
+            dx, dy = det_xy[i, 0] - src_xy[gal[k], 0], det_xy[i, 1] - src_xy[gal[k], 1]
+            u = dx * np.sin(t[k]) + dy * np.cos(t[k])  # along the major axis (PA east of north)
+            v = dx * np.cos(t[k]) - dy * np.sin(t[k])
+            on_galaxy[i] = bool(np.any((u / a[k]) ** 2 + (v / b[k]) ** 2 <= 1.0))
+    return point | on_galaxy, on_galaxy & ~point
+
+
 def _robust(x):
     x = np.asarray(x, float)
     x = x[np.isfinite(x)]
@@ -99,7 +167,7 @@ def main(argv=None) -> dict:
     src = {k: np.asarray(v) for k, v in pq.read_table(args.night / "truth" / "sources.parquet").to_pydict().items()}
     tf = {k: np.asarray(v) for k, v in pq.read_table(args.night / "truth" / "frames.parquet").to_pydict().items()}
     acc = {b: {"m_true": [], "found": [], "dm": [], "cmsig": [], "rd": [], "rel": [], "rel_psc": [], "rel_sel": [],
-               "n3": 0, "one_row": 0} for b in BANDS}
+               "on_galaxy": 0, "n3": 0, "one_row": 0} for b in BANDS}
     merge = {"three_band_stars": 0, "merged_one_row": 0, "rows_checked": 0, "false_merges": 0,
              "unresolved_pairs": 0}
     for scan in (s for s in manifest["scans"] if s["type"] == "sci"):
@@ -173,22 +241,17 @@ def main(argv=None) -> dict:
             cc = np.array([s[BANDS.index(b)] for s in pts["cc_flg"].astype(str)])
             rel = np.flatnonzero(det_b & (np.nan_to_num(snr) >= 10) & ~np.char.isupper(cc))
             all_src = np.flatnonzero(near_scan)
-            sxy = np.column_stack([tx[all_src], ty[all_src]])
-            stree = cKDTree(sxy)
-            d2, _ = stree.query(np.column_stack([px[rel], py[rel]]), distance_upper_bound=2.0)
-            # Unsplit blends: the band's photocentres of truth pairs closer than 5".
-            pairs = stree.query_pairs(BLEND_ARCSEC, output_type="ndarray")
-            if len(pairs) and rel.size:
-                w = 10 ** (-0.4 * m_true[all_src][pairs])
-                cen = (sxy[pairs] * w[:, :, None]).sum(1) / w.sum(1)[:, None]
-                db, _ = cKDTree(cen).query(np.column_stack([px[rel], py[rel]]), distance_upper_bound=2.0)
-                d2 = np.fmin(d2, db)
-            acc[b]["rel"].append(np.isfinite(d2))
+            real, on_galaxy = explained_by_truth(
+                np.column_stack([px[rel], py[rel]]), np.column_stack([tx[all_src], ty[all_src]]),
+                m_true[all_src], src["kind"][all_src], src["r_eff_arcsec"][all_src],
+                src["axis_ratio"][all_src], src["pa_deg"][all_src])
+            acc[b]["rel"].append(real)
+            acc[b]["on_galaxy"] += int(on_galaxy.sum())
             # The PSC's area: more than 10" from the scan's edges (selection rule 1).
             psc_area = (np.asarray(pts["dist_edge_ns"], float)[rel] > 10) & (np.asarray(pts["dist_edge_ew"], float)[rel] > 10)
-            acc[b]["rel_psc"].append(np.isfinite(d2[psc_area]))
+            acc[b]["rel_psc"].append(real[psc_area])
             # The rows the PSC selection keeps (rules 1-6: also psfchi and frame statistics).
-            acc[b]["rel_sel"].append(np.isfinite(d2[selected[rel]]))
+            acc[b]["rel_sel"].append(real[selected[rel]])
         # Band merging: truth stars found in all three bands.
         rd = np.array([[int(c) for c in s] for s in pts["rd_flg"].astype(str)]) if len(pts["ra"]) else np.zeros((0, 3), int)
         has = np.isin(rd, (1, 2, 3, 4, 9))
@@ -254,6 +317,7 @@ def main(argv=None) -> dict:
                                   if ((m_true >= lo) & (m_true < lo + 0.25)).sum() >= 5],
             "reliability_snr10": float(rel.mean()) if rel.size else None,
             "n_reliability": int(rel.size),
+            "n_reliability_on_galaxy_body": a["on_galaxy"],
             "reliability_snr10_psc_area": float(rel_psc.mean()) if rel_psc.size else None,
             "n_reliability_psc_area": int(rel_psc.size),
             "reliability_snr10_psc_selected": float(rel_sel.mean()) if rel_sel.size else None,
@@ -271,6 +335,7 @@ def main(argv=None) -> dict:
         print(f"{b}: completeness to {LIMIT[b]} {res['completeness_to_limit']:.4f} "
               f"({res['isolated_stars_to_limit']} stars), m99 {res['m99']}, m90 {res['m90']}; "
               f"reliability(SNR>=10) {res['reliability_snr10']:.4f} of {rel.size} "
+              f"[{a['on_galaxy']} on a galaxy's body] "
               f"(PSC area {res['reliability_snr10_psc_area']:.4f} of {rel_psc.size}, PSC-selected "
               f"{res['reliability_snr10_psc_selected']:.4f} of {rel_sel.size}); "
               f"unsat ({reg.sum()}): bias {med:+.4f} scatter {sc:.4f} median cmsig "

@@ -56,7 +56,7 @@ def _truth_detections(tiny_night, band, rng):
 
 def test_solos_streaks_and_masks(tiny_night, rng):
     for band in ("J", "K"):
-        det, geo, sci, art, sel, cr, met = _truth_detections(tiny_night, band, rng)
+        det, geo, sci, art, _sel, cr, met = _truth_detections(tiny_night, band, rng)
         res = run_transients(det, geometry=geo, band=band, nframes=sci["nframes"])
         what = det["what"]
         # Stars are confirmed by the overlapping frames; cosmic rays and meteor points are not.
@@ -144,8 +144,9 @@ def test_lone_sharp_pixels_find_hits_and_spare_stars(rng):
     neighbours hold only ~0.6 of its peak, so a hit must stand well clear of its
     neighbours' noise: half of those of ~22 units are found there (measured, 1.7": 35 % at
     16–20, 73 % at 20–25, 93 % at 25–30, 99.7 % at 30–40; 2.0": 81 %, 98 %, 100 %)."""
-    from gpu2mass.framedet import moffat_alpha_px
     from gpu2mass.kernels.psf import add_stamps, render_psf_stamps
+
+    from gpu2mass.framedet import moffat_alpha_px
     from gpu2mass.transients import lone_sharp_pixels
 
     noise, ny, nx = 10.0, 256, 256
