@@ -2,8 +2,9 @@
 
 An unreliable detection is what ``measure_point_sources.py`` counts against reliability:
 a band detection (``rd_flg`` 1, 2, 3, 4 or 9) with SNR ≥ 10 and no upper-case ``cc_flg``
-letter that lies neither within 2" of a truth source (asteroids where the scan passed
-them) nor within 2" of the photocentre of a truth pair closer than 5". Each is listed with
+letter that the truth does not explain (``measure_point_sources.explained_by_truth``: a
+truth source within 2", asteroids where the scan passed them, the photocentre of a truth
+pair or linked group closer than 5", a galaxy's half-light ellipse). Each is listed with
 what the truth holds around it and put in the first class that fits:
 
 - ``spike``, ``persistence``, ``stripe``, ``meteor``, ``cosmic_ray``: a truth artifact of
@@ -28,6 +29,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from measure_point_sources import explained_by_truth  # profiling/ is on the path when run
 from scipy.spatial import cKDTree
 
 from gpu2mass.geometry import frame_geometry_from_truth, tan_project
@@ -35,8 +37,6 @@ from gpu2mass.io.products import read_columns
 from gpu2mass.validate import _truth_positions as truth_positions
 
 BANDS = ("J", "H", "K")
-#: Truth pairs closer than this may come out as one detection at their photocentre.
-BLEND_ARCSEC = 5.0
 #: A truth artifact this close explains a detection (arcsec).
 ARTIFACT_ARCSEC = 3.0
 #: A real source this close, but more than 2" away, was measured in the wrong place.
@@ -73,7 +73,6 @@ def main(argv=None) -> dict:
         txy = np.column_stack([tx, ty])
         px, py = tan_project(pts["ra"], pts["dec"], ra0, dec0)
         ptree, stree = cKDTree(np.column_stack([px, py])), cKDTree(txy)
-        pairs = stree.query_pairs(BLEND_ARCSEC, output_type="ndarray")
         psc_area = (np.asarray(pts["dist_edge_ns"], float) > 10) & (np.asarray(pts["dist_edge_ew"], float) > 10)
         for k, b in enumerate(BANDS):
             p = b.lower()
@@ -84,12 +83,9 @@ def main(argv=None) -> dict:
             rel = np.flatnonzero(np.isin(rd, list("12349")) & (snr >= 10) & ~np.char.isupper(cc))
             if rel.size == 0:
                 continue
-            d, _ = stree.query(np.column_stack([px[rel], py[rel]]))
-            if len(pairs):
-                w = 10 ** (-0.4 * m_true[pairs])
-                cen = (txy[pairs] * w[:, :, None]).sum(1) / w.sum(1)[:, None]
-                d = np.fmin(d, cKDTree(cen).query(np.column_stack([px[rel], py[rel]]))[0])
-            bad = rel[d > 2.0]
+            real, _ = explained_by_truth(np.column_stack([px[rel], py[rel]]), txy, m_true, src["kind"],
+                                         src["r_eff_arcsec"], src["axis_ratio"], src["pa_deg"])
+            bad = rel[~real]
             if bad.size == 0:
                 continue
             # The scan's truth artifacts of this band, in the same plane.
