@@ -255,24 +255,29 @@ def lone_sharp_pixels(image, mask, noise: float, region, fwhm_arcsec: float,
     centred between the two shows half of itself) a hit must be brighter to qualify.
     """
     cfg = config
-    v = np.asarray(image, float)
+    v = np.asarray(image)
     usable = ~np.asarray(mask, bool)
     ny, nx = v.shape
-    pad_v = np.pad(np.where(usable, v, 0.0), 1)
-    pad_ok = np.pad(usable, 1)
-    nb_v = np.stack([pad_v[1 + dy:1 + dy + ny, 1 + dx:1 + dx + nx] for dy, dx in _NEIGHBOURS], axis=-1)
-    nb_ok = np.stack([pad_ok[1 + dy:1 + dy + ny, 1 + dx:1 + dx + nx] for dy, dx in _NEIGHBOURS], axis=-1)
-    cand = region & usable & (v > cfg.lone_pixel_min_sigma * noise)
-    cand &= np.all(~nb_ok | (nb_v < v[..., None]), axis=-1)
-    ys, xs = np.nonzero(cand)
+    ys, xs = np.nonzero(region & usable & (v > cfg.lone_pixel_min_sigma * noise))
     if ys.size == 0:
         return np.zeros((0, 2), int)
-    ok = nb_ok[ys, xs]  # (k, 8)
+    # The candidates' neighbours only (few pixels: the lone areas are small).
+    dy, dx = np.array(_NEIGHBOURS).T
+    ny_, nx_ = ys[:, None] + dy, xs[:, None] + dx
+    ok = (ny_ >= 0) & (ny_ < ny) & (nx_ >= 0) & (nx_ < nx)
+    ny_, nx_ = np.clip(ny_, 0, ny - 1), np.clip(nx_, 0, nx - 1)
+    ok &= usable[ny_, nx_]  # (k, 8)
+    nb = np.where(ok, v[ny_, nx_], 0.0).astype(float)
+    val = v[ys, xs].astype(float)
+    peak = np.all(~ok | (nb < val[:, None]), axis=1)
+    ys, xs, ok, nb, val = ys[peak], xs[peak], ok[peak], nb[peak], val[peak]
+    if ys.size == 0:
+        return np.zeros((0, 2), int)
     ratios = _neighbour_ratios(cfg.lone_pixel_fwhm_factor * fwhm_arcsec, cfg)  # (phases, 8)
     q = (ok.astype(float) @ ratios.T).min(axis=1)  # the sharpest star over the centres
-    s = (nb_v[ys, xs] * ok).sum(axis=1)
+    s = nb.sum(axis=1)
     n = ok.sum(axis=1)
-    sharp = q * v[ys, xs] - s > cfg.lone_pixel_sigma * noise * np.sqrt(n + q * q)
+    sharp = q * val - s > cfg.lone_pixel_sigma * noise * np.sqrt(n + q * q)
     return np.column_stack([ys[sharp], xs[sharp]])
 
 
