@@ -289,28 +289,28 @@ def test_flux_estimate_against_truth(scans, images, detections):
 # -- blends -------------------------------------------------------------------------------
 
 
-def test_close_pairs_come_out_as_two(scans, grids, rng):
-    """Synthetic pairs 3"-6" apart rendered into the K frames (true geometry), resampled by
-    run_atlas: the fraction found as two detections, each within 1.5" of its star."""
+def _detect_pairs(scans, grids, rng, *, n, sep, dmag, fwhm, f1_log=(3.0, 3.5)):
+    """Synthetic pairs rendered into the K frames (true geometry), resampled by run_atlas
+    and detected: ``sep`` and ``dmag`` are (low, high) ranges (arcsec, mag fainter), the
+    brighter member's flux 10**U(f1_log) DN. Returns the detections, both members'
+    positions, the pair centres and, per pair, whether it came out as two detections
+    within 1.5" of their stars and how many more detections lie within 8" of its centre."""
     from gpu2mass.kernels import render_point_sources
 
     from gpu2mass.sim.psf import moffat_alpha, optical_fwhm
 
     s = scans["K"]
     g = grids[1]
-    fwhm = 2.9
     alpha = moffat_alpha(float(optical_fwhm(fwhm)) / 2.0, 2.5)
-    n = 120
     # Pair centres on a jittered lattice, well inside the image.
     cx = rng.uniform(40, g.nx - 40, n)
     cy = 40 + (np.arange(n) + rng.uniform(0, 0.5, n)) * (g.ny - 80) / n
-    sep = rng.uniform(3.0, 6.0, n)
+    sep = rng.uniform(*sep, n)
     ang = rng.uniform(0, np.pi, n)
     x1, y1 = cx + 0.5 * sep * np.cos(ang), cy + 0.5 * sep * np.sin(ang)
     x2, y2 = cx - 0.5 * sep * np.cos(ang), cy - 0.5 * sep * np.sin(ang)
-    # Brighter member SNR ~60-200, the other 0-1.5 mag fainter.
-    f1 = 10 ** rng.uniform(3.0, 3.5, n)
-    f2 = f1 * 10 ** (-0.4 * rng.uniform(0.0, 1.5, n))
+    f1 = 10 ** rng.uniform(*f1_log, n)
+    f2 = f1 * 10 ** (-0.4 * rng.uniform(*dmag, n))
     ra, dec = g.pixel_to_sky(np.r_[x1, x2], np.r_[y1, y2])
     flux = np.r_[f1, f2]
     noise = np.full(s.geometry.nframes, 10.0)
@@ -328,8 +328,18 @@ def test_close_pairs_come_out_as_two(scans, grids, rng):
     d1, j1 = tree.query(np.stack([x1, y1], 1))
     d2, j2 = tree.query(np.stack([x2, y2], 1))
     two = (d1 < 1.5) & (d2 < 1.5) & (j1 != j2)
+    extra = np.array([max(0, len(tree.query_ball_point([cx[i], cy[i]], 8.0)) - 2) for i in range(n)])
+    return t, (j1, j2), sep, two, extra
+
+
+def test_close_pairs_come_out_as_two(scans, grids, rng):
+    """Pairs 3"-6" apart, the fainter 0-1.5 mag below the brighter (SNR ~60-200): the
+    fraction found as two detections, each within 1.5" of its star."""
+    n = 120
+    t, (j1, j2), sep, two, extra = _detect_pairs(scans, grids, rng, n=n, sep=(3.0, 6.0),
+                                                 dmag=(0.0, 1.5), fwhm=2.9)
     near = sep < 4.5
-    # Measured (seeing 2.9", Atlas PSF FWHM 3.6"): 4.5-6" apart 0.85, 3-4.5" 0.10 (closer
+    # Measured (seeing 2.9", Atlas PSF FWHM 3.6"): 4.5-6" apart 0.88, 3-4.5" 0.12 (closer
     # than the Atlas FWHM: the PSF fitter sees those as one).
     assert two[~near].mean() >= 0.75, two[~near].mean()
     assert two[near].mean() >= 0.05, two[near].mean()
@@ -340,13 +350,26 @@ def test_close_pairs_come_out_as_two(scans, grids, rng):
     assert np.all(t["group"][j1[close]] == t["group"][j2[close]])
     assert np.any(t["flags"][j2[two]] & FLAG_SECONDARY) or np.any(t["flags"][j1[two]]
                                                                   & FLAG_SECONDARY)
-    # No spurious third detection near a pair.
-    extra = 0
-    for i in range(n):
-        near_ids = tree.query_ball_point([cx[i], cy[i]], 8.0)
-        extra += max(0, len(near_ids) - 2)
-    # Measured: 4 third detections around 120 pairs.
-    assert extra <= 0.05 * n, extra
+    # No spurious third detection near a pair. Measured: 3 around 120 pairs (4 before a
+    # merged peak took over its nearest companion and the sharp map's dips lost their
+    # 3σ floor).
+    assert extra.sum() <= 0.05 * n, extra.sum()
+
+
+def test_pairs_at_the_blend_radius_in_poor_seeing(scans, grids, rng):
+    """Pairs 5.0"-5.6" apart at 3.1" seeing, the fainter 1.2-1.8 mag below (SNR ~10-40):
+    the matched filter merges each into one peak, between the two or on the brighter's
+    shoulder, and the sharp filter must give back the fainter star without a third
+    detection between them. On a ci night such a pair came out as three detections (the
+    merged peak kept between two companions), and another, J 13.7 and 15.3 at 5.4", as
+    one (its sharp saddle dipped 1.1σ below the fainter peak, under the 3σ dip floor).
+    Measured: 55 % of pairs as two (33 % with the 3σ floor on the sharp map), no third
+    detection; the rest show the fainter star as a shoulder without a peak of its own."""
+    n = 60
+    _, _, _, two, extra = _detect_pairs(scans, grids, rng, n=n, sep=(5.0, 5.6), dmag=(1.2, 1.8),
+                                        fwhm=3.1)
+    assert two.mean() >= 0.45, two.mean()
+    assert extra.sum() <= 1, extra.sum()
 
 
 # -- saturation, holes, edges ------------------------------------------------------------------
