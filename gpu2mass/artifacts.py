@@ -147,6 +147,13 @@ class ArtifactConfig:
         of J 3.5–4.4 parents at 18–116" lie at 10.4 ± 0.5 mag at 40"; parents less than
         3 mag above the limit put their light into 4 rather than 6 components, 0.44 mag
         brighter each).
+    spike_split_below_limit_mag, spike_unsplit_dmag
+        Very bright parents split each spike near 90° and 270° into two components (facts
+        sheet 6), six in all, which ``spike_dmag_ref`` was measured on. A parent less than
+        ``spike_split_below_limit_mag`` brighter than the band's spike limit (decision,
+        unconfirmed in 2MASS: 3 mag) puts the same light into four spikes, each brighter
+        by ``spike_unsplit_dmag`` = 2.5 log10(6/4) = 0.44 mag; without it, a J 14.2 spike
+        detection 6.8" from a J 8.06 parent passed for a real source on a ci night.
     spike_margin_mag
         A detection up to this much brighter than the expected spike is still the spike
         (1.0 mag: twice the measured scatter of spike detections about the model).
@@ -224,6 +231,8 @@ class ArtifactConfig:
     spike_dmag_ref: float = 10.2
     spike_dmag_per_dex: float = 3.75
     spike_margin_mag: float = 1.0
+    spike_split_below_limit_mag: float = 3.0
+    spike_unsplit_dmag: float = 0.44
     persistence_limit: dict = field(default_factory=lambda: {"J": 9.0, "H": 8.5, "K": 8.0})
     persistence_dmag: float = 8.0
     persistence_decay_mag: float = 0.35
@@ -260,7 +269,8 @@ class ArtifactConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"artifacts.{name} must be > 0, got {getattr(self, name)}")
         non_negative = ("spike_tolerance_deg", "spike_width_per_mag", "spike_inner_arcsec",
-                        "spike_margin_mag", "persistence_decay_mag", "persistence_margin_mag",
+                        "spike_margin_mag", "spike_split_below_limit_mag", "spike_unsplit_dmag",
+                        "persistence_decay_mag", "persistence_margin_mag",
                         "stripe_min_psfchi", "halo_margin_mag")
         for name in non_negative:
             if not getattr(self, name) >= 0:
@@ -425,6 +435,8 @@ def _spikes(fl, b, i, m_p, cand, xi, eta, r, limit_faint, band, cfg):
         return
     rr = np.maximum(r[on], 1e-3)
     expected = cfg.spike_dmag_ref + cfg.spike_dmag_per_dex * np.log10(rr / cfg.spike_ref_arcsec)
+    if m_p > cfg.spike_limit[band] - cfg.spike_split_below_limit_mag:
+        expected = expected - cfg.spike_unsplit_dmag  # four spikes, not six: each brighter
     _mark(fl, b, cand[on], ART_SPIKE, ART_SPIKE_SPURIOUS, b.m[cand[on]] - m_p,
           expected - cfg.spike_margin_mag, i)
 
