@@ -339,7 +339,7 @@ def test_close_pairs_come_out_as_two(scans, grids, rng):
     t, (j1, j2), sep, two, extra = _detect_pairs(scans, grids, rng, n=n, sep=(3.0, 6.0),
                                                  dmag=(0.0, 1.5), fwhm=2.9)
     near = sep < 4.5
-    # Measured (seeing 2.9", Atlas PSF FWHM 3.6"): 4.5-6" apart 0.88, 3-4.5" 0.12 (closer
+    # Measured (seeing 2.9", Atlas PSF FWHM 3.6"): 4.5-6" apart 0.87, 3-4.5" 0.10 (closer
     # than the Atlas FWHM: the PSF fitter sees those as one).
     assert two[~near].mean() >= 0.75, two[~near].mean()
     assert two[near].mean() >= 0.05, two[near].mean()
@@ -351,24 +351,23 @@ def test_close_pairs_come_out_as_two(scans, grids, rng):
     assert np.any(t["flags"][j2[two]] & FLAG_SECONDARY) or np.any(t["flags"][j1[two]]
                                                                   & FLAG_SECONDARY)
     # No spurious third detection near a pair. Measured: 3 around 120 pairs (4 before a
-    # merged peak took over its nearest companion and the sharp map's dips lost their
-    # 3σ floor).
+    # merged peak took over its nearest companion).
     assert extra.sum() <= 0.05 * n, extra.sum()
 
 
 def test_pairs_at_the_blend_radius_in_poor_seeing(scans, grids, rng):
     """Pairs 5.0"-5.6" apart at 3.1" seeing, the fainter 1.2-1.8 mag below (SNR ~10-40):
     the matched filter merges each into one peak, between the two or on the brighter's
-    shoulder, and the sharp filter must give back the fainter star without a third
-    detection between them. On a ci night such a pair came out as three detections (the
-    merged peak kept between two companions), and another, J 13.7 and 15.3 at 5.4", as
-    one (its sharp saddle dipped 1.1σ below the fainter peak, under the 3σ dip floor).
-    Measured: 55 % of pairs as two (33 % with the 3σ floor on the sharp map), no third
-    detection; the rest show the fainter star as a shoulder without a peak of its own."""
+    shoulder, and the sharp filter must give back the fainter star without leaving a
+    third detection between them. On a ci night such a pair came out as three
+    detections (the merged peak kept between two companions; its failed fit's 4"
+    aperture summed both stars). Measured: 33 % of pairs as two, no third detection (55 %
+    without the sharp map's 3σ dip floor, at a cost in reliability: ``DetectConfig``);
+    the rest show the fainter star as a shoulder without a peak of its own."""
     n = 60
     _, _, _, two, extra = _detect_pairs(scans, grids, rng, n=n, sep=(5.0, 5.6), dmag=(1.2, 1.8),
                                         fwhm=3.1)
-    assert two.mean() >= 0.45, two.mean()
+    assert two.mean() >= 0.25, two.mean()
     assert extra.sum() <= 1, extra.sum()
 
 
