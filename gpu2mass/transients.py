@@ -141,10 +141,11 @@ def lone_regions(geometry: FrameGeometry, nframes: int, *, edge_px: float = 0.5)
     frame's outer pixel edges (0.5: on a pixel of that frame that has all its
     neighbours). Only frames with such pixels are keys: on a scan, the first and last
     frames' outer ends (~41 rows at 2MASS's frame step) and the array's outer columns
-    where the frames' cross-scan dithers leave them alone. A grid of every fourth pixel
-    (edges included) finds the candidate areas; the pixels within 4 of a lone grid point
-    are then tested one by one (frames step along the scan by much more than the grid,
-    so no lone strip hides between its points).
+    where the frames' cross-scan dithers leave them alone. The lone areas are grown
+    inwards from the array's rim over a grid of every fourth pixel (edges included; on a
+    scan they always reach the rim), and the pixels within 4 of a lone grid point are
+    then tested one by one (frames step along the scan by much more than the grid, so no
+    lone strip hides between its points).
     """
     nx, ny = geometry.band.nx, geometry.band.ny
     sep = np.hypot((geometry.ra - geometry.ra[0]) * np.cos(np.deg2rad(geometry.dec)), geometry.dec - geometry.dec[0])
@@ -343,7 +344,7 @@ def run_transients(detections, *, geometry: FrameGeometry, band: str, nframes: i
     ``frames`` ((n, ny, nx) calibrated R2−R1 frames, NumPy or CuPy), ``frame_mask``
     ((ny, nx) or (n, ny, nx), non-zero unusable), ``noise`` ((n,) DN) and ``seeing_fwhm``
     ((n,) arcsec), the lone sharp pixels are found and masked too (module docstring);
-    only the few frames with lone pixels are copied to the host.
+    only the lone areas' boxes are copied to the host.
     """
     cfg = config
     nx, ny = geometry.band.nx, geometry.band.ny
@@ -411,12 +412,21 @@ def _mask_lone_sharp_pixels(mask, geometry, nframes, frames, frame_mask, noise, 
         raise TypeError("run_transients: frames need frame_mask, noise and seeing_fwhm too")
     noise = np.asarray(to_host(noise), float)
     seeing = np.broadcast_to(np.asarray(to_host(seeing_fwhm), float), (nframes,))
+    from scipy.ndimage import find_objects, label
+
     ny, nx = mask.shape[1:]
     for f, region in lone_regions(geometry, nframes).items():
         fm = frame_mask if frame_mask.ndim == 2 else frame_mask[f]
-        yx = lone_sharp_pixels(to_host(frames[f]), to_host(fm) != 0, float(noise[f]), region,
-                               float(seeing[f]), cfg)
-        for y, x in yx:
-            mask[f, max(y - 1, 0):min(y + 2, ny), max(x - 1, 0):min(x + 2, nx)] = True
-        found.append(np.column_stack([np.full(len(yx), f), yx]))
+        # Each lone area's box (with the neighbours' margin) comes to the host, not the
+        # frame: on a device that is a few thin strips per frame.
+        lab, _ = label(region, structure=np.ones((3, 3), bool))
+        for box in find_objects(lab):
+            y0, y1 = max(box[0].start - 1, 0), min(box[0].stop + 1, ny)
+            x0, x1 = max(box[1].start - 1, 0), min(box[1].stop + 1, nx)
+            yx = lone_sharp_pixels(to_host(frames[f, y0:y1, x0:x1]), to_host(fm[y0:y1, x0:x1]) != 0,
+                                   float(noise[f]), region[y0:y1, x0:x1], float(seeing[f]), cfg)
+            yx = yx + np.array([y0, x0])
+            for y, x in yx:
+                mask[f, max(y - 1, 0):min(y + 2, ny), max(x - 1, 0):min(x + 2, nx)] = True
+            found.append(np.column_stack([np.full(len(yx), f), yx]))
     return np.concatenate(found).astype(int)
