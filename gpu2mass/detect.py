@@ -57,7 +57,9 @@ where 2MASS is not explicit:
    :attr:`~DetectConfig.merge_radius_arcsec` from every detection are added when they
    exceed, by :attr:`~DetectConfig.secondary_snr`, what the brighter sharp peaks predict
    there (step 6 with the sharp filter's response). A detection that gains a companion
-   takes the position of its own sharp peak (the merged peak lies between the two).
+   takes the position of its own sharp peak (the merged peak lies between the two); one
+   with no sharp peak of its own within the merge radius takes over its nearest
+   companion instead (a pair ~5" apart, the merged peak midway).
 8. **Saturated stars.** A detection whose core contains filled hole pixels, or whose
    peak pixel is below :attr:`~DetectConfig.flat_top_ratio` of what its flux predicts
    (a flat top), is flagged :data:`FLAG_SATURATED` and absorbs every other peak within
@@ -197,7 +199,7 @@ class DetectConfig:
         filter exists to show the shallow saddle between close companions, measured on
         synthetic pairs; and 3σ, as the matched-filter map). Measured trade-off of the
         floor: without it, pairs 5.0-5.6" apart at 3.1" seeing come out as two 55 % of
-        the time instead of 33 %, and ci seeds 1-3 gain 0.1-0.5 % completeness, but
+        the time instead of 33 %, and ci seeds 1-3 gain up to 0.2 % completeness, but
         bright stars' sharp profiles then give companions that are noise or spike
         structure in their wings: six false SNR ≥ 10 detections on seeds 2 and 3, where
         the floor has none.
