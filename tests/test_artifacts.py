@@ -19,6 +19,8 @@ from scipy.spatial import cKDTree
 
 from gpu2mass.artifacts import (
     ART_PARENT,
+    ART_SPIKE,
+    ART_SPIKE_SPURIOUS,
     ARTIFACT_BITS,
     ArtifactConfig,
     persistence_ghosts,
@@ -163,6 +165,30 @@ def test_letters_geometry_and_bandmerge_b():
     assert list(run_artifacts(t2, geometries={b: geo for b in BANDS})["cc_flg"]) == cc
     with pytest.raises(InputError):
         run_artifacts(t[["j_m", "rd_flg"]], geometries={"J": geo})
+
+
+def test_spikes_of_parents_near_the_limit_are_brighter():
+    """Detections 20" west of two parents on their PA 270 spikes, 7.85 mag fainter than
+    each: a spike (D) of a J 7.1 parent, within 3 mag of the spike limit, whose light goes
+    into four spikes, each 0.44 mag brighter (threshold 7.63 mag below it); a real source
+    on the spike of a J 6.9 parent, whose six split components are fainter (threshold
+    8.07; its letter is the halo's c, which outranks d). Seen on a ci night: a J 14.2
+    spike detection 6.8" from a J 8.06 parent kept a d."""
+    geo = _toy_geometry()
+    dx = 20.0 / 2.0
+    rows = [
+        (128.0, 100.0, (7.1, 6.7, 6.6), "222", "000"),             # 0 parent, four spikes
+        (128.0 - dx, 100.0, (14.95, 99, 99), "200", "000"),        # 1 on its spike
+        (128.0, 300.0, (6.9, 6.5, 6.4), "222", "000"),             # 2 parent, six components
+        (128.0 - dx, 300.0, (14.75, 99, 99), "200", "000"),        # 3 on its spike
+    ]
+    t = _toy_table(geo, rows)
+    for b in "hk":
+        t[f"{b}_x"] = MaskedColumn(np.asarray(t[f"{b}_x"], float), mask=[False, True, False, True])
+        t[f"{b}_m"].mask[[1, 3]] = True
+    res = run_artifacts(t, geometries={b: geo for b in BANDS})
+    assert list(res["cc_flg"])[1] == "D00"
+    assert res["j_art"][3] & ART_SPIKE and not res["j_art"][3] & ART_SPIKE_SPURIOUS
 
 
 def test_rd9_is_a_parent_only_when_saturated():
