@@ -152,7 +152,7 @@ def calibrate_and_register(night: Night, info, scan, band: str, darks, cfg: RunC
     darks per band; ``xp``: NumPy or CuPy, where the frames are processed; ``timer``:
     ``timer(step)`` gives a context manager timing that step (none by default).
     Returns ``(cal, reg, tr, det, det_r1)``: the calibrated frames, the registration, the
-    transients and the R2−R1 and R1 detections.
+    transients (their mask in ``xp``) and the R2−R1 and R1 detections.
     """
     from gpu2mass.framedet import FrameDetWarning, run_frame_detection
     from gpu2mass.frames import run_calibrate_frames
@@ -200,6 +200,9 @@ def calibrate_and_register(night: Night, info, scan, band: str, darks, cfg: RunC
         tr = run_transients(det, geometry=reg.geometry, band=band, nframes=info.nframes,
                             frames=cal.r2r1, frame_mask=cal.mask_r2r1, noise=cal.noise_r2r1,
                             seeing_fwhm=det.meta["seeing_fwhm"], config=cfg.transients)
+        # The mask goes where the frames are, once: the coadd and the point-source steps
+        # combine it with the frames' own masks there.
+        tr = replace(tr, mask=xp.asarray(tr.mask))
     return cal, reg, tr, det, det_r1
 
 
@@ -218,7 +221,7 @@ def coadd_frames(cal, tr, det, geometry, cfg: RunConfig, xp, timer: Callable = _
     from gpu2mass.starfill import fill_bad_pixels_under_stars
 
     with timer("atlas"):
-        transient = xp.asarray(tr.mask)  # uploaded once for the three uses below
+        transient = xp.asarray(tr.mask)  # on the device already (calibrate_and_register)
         unusable = (cal.mask_r2r1 != 0) | transient
         frame_noise = backend.to_host(cal.noise_r2r1)
     frames = cal.r2r1
