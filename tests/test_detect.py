@@ -289,7 +289,7 @@ def test_flux_estimate_against_truth(scans, images, detections):
 # -- blends -------------------------------------------------------------------------------
 
 
-def _detect_pairs(scans, grids, rng, *, n, sep, dmag, fwhm, f1_log=(3.0, 3.5)):
+def _detect_pairs(scans, grids, rng, *, n, sep, dmag, fwhm, f1_log=(3.0, 3.5), config=None):
     """Synthetic pairs rendered into the K frames (true geometry), resampled by run_atlas
     and detected: ``sep`` and ``dmag`` are (low, high) ranges (arcsec, mag fainter), the
     brighter member's flux 10**U(f1_log) DN. Returns the detections, both members'
@@ -323,7 +323,7 @@ def _detect_pairs(scans, grids, rng, *, n, sep, dmag, fwhm, f1_log=(3.0, 3.5)):
                                               half_size=12)
     img = run_atlas(frames, mask=s.bad, geometry=s.geometry, noise=noise, grid=g,
                     seeing_arcsec=fwhm, config=AtlasConfig(background_match=False))
-    t = run_detect(img)
+    t = run_detect(img, config=config or DetectConfig())
     tree = cKDTree(np.stack([t["x"], t["y"]], 1))
     d1, j1 = tree.query(np.stack([x1, y1], 1))
     d2, j2 = tree.query(np.stack([x2, y2], 1))
@@ -477,3 +477,25 @@ def test_bad_input_and_config():
         run_detect(z)
     assert all(isinstance(v, str) for v in FLAG_BITS.values())
 
+
+
+def test_stars_on_a_bright_neighbours_wing_are_found(scans, grids):
+    """A faint star 10.5-14" from a star 4.5-6 mag brighter (SNR ~1000-3000) in poor
+    seeing (3.1") can show no matched-filter peak of its own, the bright wing's slope
+    being steeper; the sharp filter shows it (``hidden_ring_arcsec``). Measured on 40
+    pairs: 80 % found as two detections, 45 % without the search; no other detection near
+    the pairs, and none around the same bright stars when they have no neighbour."""
+    import dataclasses
+
+    n = 40
+    kw = {"n": n, "sep": (10.5, 14.0), "fwhm": 3.1, "f1_log": (4.3, 4.7)}
+    found = {}
+    for name, cfg in (("on", DetectConfig()), ("off", dataclasses.replace(DetectConfig(), hidden_ring_arcsec=0.0))):
+        _, _, _, two, extra = _detect_pairs(scans, grids, np.random.default_rng(11), dmag=(4.5, 6.0),
+                                            config=cfg, **kw)
+        found[name] = two.mean()
+        assert extra.sum() == 0
+    assert found["on"] >= 0.7 and found["off"] <= 0.6, found
+    t, (j1, _), _, _, _ = _detect_pairs(scans, grids, np.random.default_rng(11), dmag=(15.0, 15.0), **kw)
+    tree = cKDTree(np.stack([t["x"], t["y"]], 1))
+    assert sum(len(tree.query_ball_point([t["x"][j], t["y"][j]], 16.0)) - 1 for j in j1) == 0
