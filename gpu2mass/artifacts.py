@@ -165,11 +165,14 @@ class ArtifactConfig:
         3 sources are saturated whatever their magnitude.
     persistence_dmag, persistence_decay_mag
         Expected magnitude difference between a parent and its first ghost (k = 1), and
-        the fading per further frame. Unconfirmed; decisions from the tiny nights' Atlas
-        photometry: 8.0 mag (measured 7.7–9.7 for the first ghost of Ks 3–7.5 parents;
-        heavier saturation traps relatively less) and 0.35 mag per frame (measured
-        0.33–0.40 over ghosts 1–9; a 6 s release time constant at 1.45 s per frame alone
-        would give 0.26).
+        the fading per further frame. Unconfirmed; decisions from the ci preset's
+        detections at predicted ghost places that no truth source explains (nine nights,
+        ~250 per band, parents J 5.5–8.9, H 4.8–7.7, Ks 4.7–7.0): 7.6 mag (medians of the
+        first ghost J 7.61, H 7.21, Ks 7.23; range 6.5–8.1) and 0.28 mag per frame (from
+        the first ghost to the ninth–eleventh: J 0.27, H 0.30, Ks 0.35; a 6 s release time
+        constant at 1.45 s per frame alone gives 0.26). The earlier 8.0 and 0.35, from
+        the tiny nights, left the ninth ghost of a J 5.8 parent (9.6 mag below it) out
+        of the predicted range, a false J 15.4 source on ci seed 7.
     persistence_margin_mag
         A detection up to this much brighter than the expected ghost is still the ghost
         (1.5 mag).
@@ -236,8 +239,8 @@ class ArtifactConfig:
     spike_split_below_limit_mag: float = 3.0
     spike_unsplit_dmag: float = 0.44
     persistence_limit: dict = field(default_factory=lambda: {"J": 9.0, "H": 8.5, "K": 8.0})
-    persistence_dmag: float = 8.0
-    persistence_decay_mag: float = 0.35
+    persistence_dmag: float = 7.6
+    persistence_decay_mag: float = 0.28
     persistence_margin_mag: float = 1.5
     persistence_radius_arcsec: float = 5.0
     stripe_limit: dict = field(default_factory=lambda: {"J": 8.0, "H": 7.5, "K": 7.0})

@@ -363,3 +363,24 @@ def test_spike_detections_close_to_the_parent_include_its_wing():
     res = run_artifacts(t, geometries={b: geo for b in BANDS})
     assert res["j_art"][1] & ART_SPIKE_SPURIOUS
     assert res["j_art"][3] & ART_SPIKE and not res["j_art"][3] & ART_SPIKE_SPURIOUS
+
+
+def test_late_ghosts_of_very_bright_parents_are_spurious():
+    """The ninth ghost of a J 5.8 parent, 9.6 mag below it (the median of such ghosts on
+    nine ci nights; a false J 15.4 source on seed 7 with the earlier 8.0 + 0.35 mag per
+    frame model, which did not even predict a ninth ghost there), is a P; a real star
+    there 7 mag below the parent keeps a lower-case p."""
+    geo = _toy_geometry(nframes=24)
+    step_px = 82.8 / 2.0
+    rows = [
+        (128.0, 100.0, (5.8, 5.4, 5.3), "222", "000"),                  # 0 parent
+        (128.0, 100.0 + 9 * step_px, (15.4, 99, 99), "200", "000"),     # 1 its ninth ghost
+        (60.0, 100.0, (5.8, 5.4, 5.3), "222", "000"),                   # 2 parent
+        (60.0, 100.0 + 9 * step_px, (12.8, 99, 99), "200", "000"),      # 3 a star there
+    ]
+    t = _toy_table(geo, rows)
+    for b in "hk":
+        t[f"{b}_m"].mask[[1, 3]] = True
+    res = run_artifacts(t, geometries={b: geo for b in BANDS})
+    assert res["cc_flg"][1][0] == "P"
+    assert res["cc_flg"][3][0] == "p"
