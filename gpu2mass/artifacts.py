@@ -15,7 +15,9 @@ Artifacts, per band (every number in :class:`ArtifactConfig`):
   detection is on a spike within a width and an angular tolerance of the spike line,
   out to the radius where the spike's expected brightness falls to the scan's detection
   limit (which grows with the parent's flux). The spike's expected brightness at radius
-  ``r`` is ``m_parent + spike_dmag_ref + spike_dmag_per_dex · log10(r / spike_ref_arcsec)``.
+  ``r`` is ``m_parent + spike_dmag_ref + spike_dmag_per_dex · log10(r / spike_ref_arcsec)``,
+  plus the parent's wing light in a 4" aperture there (the halo model), which dominates
+  within ~10".
 - **Persistence** (``p``/``P``): a star that saturates the array leaves a latent image at
   its *detector* pixels, released in the following frames while the sky moves one frame
   step per frame. For every frame ``f`` in which the parent lies on the array at pixel
@@ -421,11 +423,29 @@ def _spike_spans(pas, gap_deg=5.0):
     return [(float(lo), float(hi)) for lo, hi in spans]
 
 
+def _spike_dmag(r, m_p, band, cfg: ArtifactConfig):
+    """Expected magnitude difference between a parent of magnitude ``m_p`` and a detection
+    its spike makes at radius ``r`` (arcsec): the spike's light (four components, each
+    brighter, for parents near the spike limit) plus the parent's wing light in the
+    4" aperture there (the halo model): close in, the spike sits on the wing and a
+    detection measures both (6-7" from J 8.0-8.5 parents the wing is 4 mag below the
+    parent, the spike 7)."""
+    rr = np.maximum(np.asarray(r, float), 1e-3)
+    spike = cfg.spike_dmag_ref + cfg.spike_dmag_per_dex * np.log10(rr / cfg.spike_ref_arcsec)
+    if m_p > cfg.spike_limit[band] - cfg.spike_split_below_limit_mag:
+        spike = spike - cfg.spike_unsplit_dmag  # four spikes, not six: each brighter
+    return -2.5 * np.log10(10 ** (-0.4 * spike) + 10 ** (-0.4 * _halo_dmag(rr, cfg)))
+
+
 def _spikes(fl, b, i, m_p, cand, xi, eta, r, limit_faint, band, cfg):
     if not m_p <= cfg.spike_limit[band]:
         return
-    # Out to where the expected spike reaches the faint limit.
-    r_max = cfg.spike_ref_arcsec * 10 ** ((limit_faint - m_p - cfg.spike_dmag_ref) / cfg.spike_dmag_per_dex)
+    # Out to where the expected spike (on the wing) reaches the faint limit.
+    grid = np.geomspace(cfg.spike_inner_arcsec, 2000.0, 400)
+    inside = grid[_spike_dmag(grid, m_p, band, cfg) <= limit_faint - m_p]
+    if inside.size == 0:
+        return
+    r_max = float(inside.max())
     width = cfg.spike_width_arcsec + cfg.spike_width_per_mag * (cfg.spike_limit[band] - m_p)
     tol = np.tan(np.deg2rad(cfg.spike_tolerance_deg))
     theta = np.rad2deg(np.arctan2(xi, eta)) % 360  # PA of each candidate, east of north
@@ -438,16 +458,8 @@ def _spikes(fl, b, i, m_p, cand, xi, eta, r, limit_faint, band, cfg):
         on |= (along >= cfg.spike_inner_arcsec) & (along <= r_max) & (perp <= width + along * tol)
     if not on.any():
         return
-    rr = np.maximum(r[on], 1e-3)
-    expected = cfg.spike_dmag_ref + cfg.spike_dmag_per_dex * np.log10(rr / cfg.spike_ref_arcsec)
-    if m_p > cfg.spike_limit[band] - cfg.spike_split_below_limit_mag:
-        expected = expected - cfg.spike_unsplit_dmag  # four spikes, not six: each brighter
-    # Close in, a detection on a spike measures the spike on the parent's wing: the two
-    # lights add (6-7" from J 8.0-8.5 parents the wing is 4 mag below the parent, the spike
-    # 7: spike detections there came out 5.1 mag below and passed for real sources).
-    expected = -2.5 * np.log10(10 ** (-0.4 * expected) + 10 ** (-0.4 * _halo_dmag(rr, cfg)))
     _mark(fl, b, cand[on], ART_SPIKE, ART_SPIKE_SPURIOUS, b.m[cand[on]] - m_p,
-          expected - cfg.spike_margin_mag, i)
+          _spike_dmag(r[on], m_p, band, cfg) - cfg.spike_margin_mag, i)
 
 
 def _halo(fl, b, i, m_p, cand, r, limit_snr5, band, cfg):

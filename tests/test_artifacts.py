@@ -347,7 +347,9 @@ def test_spike_detections_close_to_the_parent_include_its_wing():
     """6.6" north of a J 8.5 parent (four spikes), a detection 5.1 mag below it is the
     spike on the parent's wing (D: the wing's 4" light there is 4.0 mag below the parent,
     the spike's 6.8; seen on ci seed 9: without the wing it kept a d); a source 2 mag
-    below the parent there is real (d)."""
+    below the parent there is real (d). The zone reaches as far as spike and wing
+    together stay above the limit: 6.9" from a J 9.4 parent, a detection 5.7 mag below
+    it is a D (seen on seed 7 in H; the spike alone ends at 6.2")."""
     geo = _toy_geometry()
     dy = 6.6 / 2.0
     rows = [
@@ -355,14 +357,17 @@ def test_spike_detections_close_to_the_parent_include_its_wing():
         (128.0, 100.0 + dy, (13.6, 99, 99), "200", "000"),   # 1 spike on the wing
         (128.0, 300.0, (8.5, 8.1, 8.0), "222", "000"),       # 2 parent
         (128.0, 300.0 + dy, (10.5, 99, 99), "200", "000"),   # 3 a real source there
+        (128.0, 500.0, (9.4, 9.0, 8.9), "222", "000"),       # 4 parent near the spike limit
+        (128.0, 500.0 + 6.9 / 2.0, (15.1, 99, 99), "200", "000"),  # 5 its spike on the wing
     ]
     t = _toy_table(geo, rows)
     for b in "hk":
-        t[f"{b}_x"] = MaskedColumn(np.asarray(t[f"{b}_x"], float), mask=[False, True, False, True])
-        t[f"{b}_m"].mask[[1, 3]] = True
+        t[f"{b}_x"] = MaskedColumn(np.asarray(t[f"{b}_x"], float), mask=[False, True, False, True, False, True])
+        t[f"{b}_m"].mask[[1, 3, 5]] = True
     res = run_artifacts(t, geometries={b: geo for b in BANDS})
     assert res["j_art"][1] & ART_SPIKE_SPURIOUS
     assert res["j_art"][3] & ART_SPIKE and not res["j_art"][3] & ART_SPIKE_SPURIOUS
+    assert res["j_art"][5] & ART_SPIKE_SPURIOUS
 
 
 def test_late_ghosts_of_very_bright_parents_are_spurious():
