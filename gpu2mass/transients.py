@@ -532,7 +532,9 @@ def find_bright_trails(frames, frame_mask, noise, seeing_fwhm, geometry: FrameGe
     fm = xp.asarray(frame_mask)
     thr = xp.asarray(cfg.trail_sigma * noise, dtype=frames.dtype)[:, None, None]
     bright_d = ((frames > thr) & (fm == 0)) | ((fm & MASK_SATURATED) != 0)
-    bright = np.unpackbits(to_host(xp.packbits(bright_d, axis=-1)), axis=-1, count=nx).astype(bool)
+    # Packed flat (1 bit a pixel): the only copy of the frames' size that leaves the device.
+    bright = np.unpackbits(to_host(xp.packbits(bright_d.ravel())), count=n * ny * nx).astype(bool)
+    bright = bright.reshape(n, ny, nx)
     # A point of a trail is seen by another frame when that frame is bright within 1 pixel.
     seen_map = maximum_filter(bright, size=(1, 3, 3))
     min_len = cfg.trail_min_length_arcsec / cfg.pixel_scale_arcsec
