@@ -566,7 +566,11 @@ def find_bright_trails(frames, frame_mask, noise, seeing_fwhm, geometry: FrameGe
                 seen += int(seen_map[g, np.rint(gy[inside]).astype(int), np.rint(gx[inside]).astype(int)].sum())
             if covered == 0 or seen >= cfg.trail_confirm_fraction * covered:
                 continue  # static (a bright star's spike or stripe), or nothing can tell
-            peak = max(float(to_host(frames[f, sl[0], sl[1]].max())) / noise[f], cfg.trail_sigma)
+            # Saturated pixels may hold anything (NaN included): their trail is at least
+            # as bright as the threshold.
+            peak = float(to_host(xp.nanmax(xp.where(xp.isfinite(frames[f, sl[0], sl[1]]),
+                                                    frames[f, sl[0], sl[1]], -np.inf)))) / noise[f]
+            peak = max(peak, cfg.trail_sigma)
             alpha = float(moffat_alpha_px(seeing[f], cfg.psf_beta, cfg.pixel_scale_arcsec))
             # A Moffat line's profile falls as (1 + r²/α²)^(1/2 − β): to 1 noise unit at
             # r = α (peak^(1/(β − 1/2)) − 1)^(1/2).

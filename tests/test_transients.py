@@ -263,10 +263,10 @@ def test_a_lone_track_is_masked_with_its_neighbours(tiny_night):
 
 
 def test_bright_trails_are_blanked_and_static_lines_kept(tiny_night):
-    """A saturated meteor in one frame, which the frame detection sees as a few peaks, is
-    found as a bright trail and blanked edge to edge; a line as bright that is fixed on
-    the sky (a bright star's spike, in every frame that holds it) is left alone, and so
-    is a bright but round star."""
+    """A saturated meteor in one frame (its saturated core NaN), which the frame detection
+    sees as a few peaks, is found as a bright trail and blanked edge to edge; a line as
+    bright that is fixed on the sky (a bright star's spike, in every frame that holds it)
+    is left alone, and so is a bright but round star."""
     from gpu2mass.frames import MASK_SATURATED
     from gpu2mass.sim.artifacts import add_trail
     from gpu2mass.transients import find_bright_trails
@@ -278,7 +278,9 @@ def test_bright_trails_are_blanked_and_static_lines_kept(tiny_night):
     mask = np.zeros((n, 256, 256), np.uint8)
     # The meteor: frame 1, 150 pixels long, saturated along its core.
     add_trail(frames[1], 40.0, 30.0, 160.0, 120.0, dn_per_px_length=40000.0, sigma_px=0.7)
-    mask[1][frames[1] > 15000] = MASK_SATURATED
+    core = frames[1] > 15000
+    mask[1][core] = MASK_SATURATED
+    frames[1][core] = np.nan  # what a saturated pixel holds is no measure of the trail
     # The static line: 60 pixels on the sky, drawn into every frame that holds it.
     ra, dec = geo.pixel_to_sky(0, np.array([190.0, 190.0]), np.array([150.0, 210.0]))
     for f in range(n):
