@@ -59,7 +59,11 @@ where 2MASS is not explicit:
    there (step 6 with the sharp filter's response). A detection that gains a companion
    takes the position of its own sharp peak (the merged peak lies between the two); one
    with no sharp peak of its own within the merge radius takes over its nearest
-   companion instead (a pair ~5" apart, the merged peak midway).
+   companion instead (a pair ~5" apart, the merged peak midway). Beyond
+   :attr:`~DetectConfig.dip_radius_arcsec` from every detection, a sharp peak where the
+   matched SNR still reaches the threshold (a star on a bright neighbour's wing, with no
+   matched-filter peak of its own) is added when it stands ``secondary_snr`` above the
+   highest sharp value on a :attr:`~DetectConfig.hidden_ring_arcsec` ring around it.
 8. **Saturated stars.** A detection whose core contains filled hole pixels, or whose
    peak pixel is below :attr:`~DetectConfig.flat_top_ratio` of what its flux predicts
    (a flat top), is flagged :data:`FLAG_SATURATED` and absorbs every other peak within
