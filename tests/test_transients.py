@@ -226,21 +226,32 @@ def test_lone_tracks_are_found_across(rng):
         assert hit[amp >= sure * noise].all()
 
 
-def test_lone_sharp_pixels_are_masked_at_the_ends_of_a_scan(tiny_night):
-    """With the frames given, a hot pixel at the far end of the last frame (no other frame
-    covers it, and the frame detection's Tsnr drops it) is masked with its neighbours;
-    the same hit where other frames cover the sky is left to the coadd."""
+def _hits_in_the_last_frame(tiny_night, seed, add_hits):
+    """Noise frames (10 DN) of the tiny night's scan 3 K, ``add_hits(last_frame, y_end)``
+    drawing into the last one (``y_end``: a row at its far end, which no other frame
+    covers), run through :func:`run_transients` with no detections. Returns
+    ``(nframes, y_end, result)``."""
     geo = frame_geometry_from_truth(tiny_night, 3, "K")
     n = geo.nframes
-    rng = np.random.default_rng(3)
-    frames = rng.normal(0, 10.0, (n, 256, 256)).astype(np.float32)
+    frames = np.random.default_rng(seed).normal(0, 10.0, (n, 256, 256)).astype(np.float32)
     y_end = 252 if geo.dec[-1] > geo.dec[0] else 3
-    frames[n - 1, y_end, 100] += 250.0
-    frames[n - 1, 128, 100] += 250.0
+    add_hits(frames[n - 1], y_end)
     empty = {"frame": np.array([], int), "x": np.array([]), "y": np.array([]), "flux": np.array([])}
     res = run_transients(empty, geometry=geo, band="K", nframes=n, frames=frames,
                          frame_mask=np.zeros((256, 256), bool), noise=np.full(n, 10.0),
                          seeing_fwhm=np.full(n, 2.0))
+    return n, y_end, res
+
+
+def test_lone_sharp_pixels_are_masked_at_the_ends_of_a_scan(tiny_night):
+    """With the frames given, a hot pixel at the far end of the last frame (no other frame
+    covers it, and the frame detection's Tsnr drops it) is masked with its neighbours;
+    the same hit where other frames cover the sky is left to the coadd."""
+    def hits(last, y_end):
+        last[y_end, 100] += 250.0
+        last[128, 100] += 250.0
+
+    n, y_end, res = _hits_in_the_last_frame(tiny_night, 3, hits)
     assert res.lone_pixels.tolist() == [[n - 1, y_end, 100]]
     assert res.mask[n - 1, y_end - 1:y_end + 2, 99:102].all() and res.mask.sum() == 9
 
@@ -248,16 +259,10 @@ def test_lone_sharp_pixels_are_masked_at_the_ends_of_a_scan(tiny_night):
 def test_a_lone_track_is_masked_with_its_neighbours(tiny_night):
     """A three-pixel cosmic-ray track where only the last frame covers the sky: every
     pixel of it and their neighbours are masked, nothing else."""
-    geo = frame_geometry_from_truth(tiny_night, 3, "K")
-    n = geo.nframes
-    rng = np.random.default_rng(4)
-    frames = rng.normal(0, 10.0, (n, 256, 256)).astype(np.float32)
-    y_end = 252 if geo.dec[-1] > geo.dec[0] else 3
-    frames[n - 1, y_end, 100:103] += np.array([400.0, 250.0, 120.0], np.float32)
-    empty = {"frame": np.array([], int), "x": np.array([]), "y": np.array([]), "flux": np.array([])}
-    res = run_transients(empty, geometry=geo, band="K", nframes=n, frames=frames,
-                         frame_mask=np.zeros((256, 256), bool), noise=np.full(n, 10.0),
-                         seeing_fwhm=np.full(n, 2.0))
+    def track(last, y_end):
+        last[y_end, 100:103] += np.array([400.0, 250.0, 120.0], np.float32)
+
+    n, y_end, res = _hits_in_the_last_frame(tiny_night, 4, track)
     assert res.lone_pixels.tolist() == [[n - 1, y_end, 100]]
     assert res.mask[n - 1, y_end - 1:y_end + 2, 99:104].all() and res.mask.sum() == 15
 
