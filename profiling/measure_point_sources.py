@@ -25,7 +25,11 @@ moved to the scan epoch by their proper motions):
   robust spread of Δm / cmsig; the same for ``rd_flg`` 1 (R1) and 3 (saturated in R1);
   over the isolated stars that are also clean: no other truth source within 5" holding
   more than 1 % of their flux (2" pixels measure a pair 1" apart as one source, and the
-  truth magnitude of one member is not what was measured);
+  truth magnitude of one member is not what was measured); beside the spread of Δm / cmsig,
+  the range honest errors would give on the same stars (:func:`honest_spread`): a scan's
+  photometric-scale error is one draw shared by all its stars, so a night's two science
+  scans move its bright stars in two blocks and its spread scatters far more than the
+  star count suggests;
 - band merging: truth stars detected in all three bands whose detections ended up in one
   row, and rows whose bands belong to different truth stars more than 3" apart (false
   merges; closer pairs are not resolved at the faint end and are counted apart).
@@ -157,6 +161,38 @@ def _completeness_mag(mags, found, level):
     return last
 
 
+def honest_spread(cmsig, scale, scan, draws=2000, seed=0):
+    """The robust spread of Δm / cmsig that honest errors give on these stars.
+
+    ``cmsig`` (n,) mag, each star's quoted error; ``scale`` (n,) mag, the part of it its
+    scan's photometric scale holds (errcal's ``k·q``: one error shared by the scan's
+    stars); ``scan`` (n,) the scan of each. Each draw gives every scan one offset from
+    N(0, scale) and every star its own from N(0, cmsig² − scale²). Returns the median,
+    5th and 95th percentile of the draws' spreads, and the fraction of draws outside
+    [0.85, 1.2] (issue 4's range)."""
+    rng = np.random.default_rng(seed)
+    rand = np.sqrt(np.maximum(cmsig**2 - scale**2, 0.0))
+    ids, inv = np.unique(scan, return_inverse=True)
+    spreads = np.empty(draws)
+    for k in range(draws):
+        z = (rng.normal(0.0, 1.0, ids.size)[inv] * scale + rng.normal(0.0, 1.0, cmsig.size) * rand) / cmsig
+        spreads[k] = _robust(z)[1]
+    return (float(np.median(spreads)), float(np.percentile(spreads, 5)), float(np.percentile(spreads, 95)),
+            float(np.mean((spreads < 0.85) | (spreads > 1.2))))
+
+
+def _scale_errors(out: Path, scan: int) -> dict:
+    """Band → the part of a scan's cmsig its photometric scale holds (mag): the scan's
+    quoted ``psf_scale_err`` times the night's ``scale_factor`` (errcal), 0 where absent."""
+    try:
+        q = json.loads((out / ".work" / "scans" / f"{scan:03d}" / "photometry.json").read_text())
+        k = json.loads((out / "night" / "errors.json").read_text())["bands"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {b: 2.5 / np.log(10) * float(q.get(b, {}).get("psf_scale_err") or 0.0)
+            * float(k.get(b, {}).get("scale_factor") or 1.0) for b in BANDS}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("night", type=Path)
@@ -170,7 +206,7 @@ def main(argv=None) -> dict:
     src = {k: np.asarray(v) for k, v in pq.read_table(args.night / "truth" / "sources.parquet").to_pydict().items()}
     tf = {k: np.asarray(v) for k, v in pq.read_table(args.night / "truth" / "frames.parquet").to_pydict().items()}
     acc = {b: {"m_true": [], "found": [], "dm": [], "cmsig": [], "rd": [], "rel": [], "rel_psc": [], "rel_sel": [],
-               "on_galaxy": 0, "n3": 0, "one_row": 0} for b in BANDS}
+               "scale": [], "scan": [], "on_galaxy": 0, "n3": 0, "one_row": 0} for b in BANDS}
     merge = {"three_band_stars": 0, "merged_one_row": 0, "rows_checked": 0, "false_merges": 0,
              "unresolved_pairs": 0}
     for scan in (s for s in manifest["scans"] if s["type"] == "sci"):
@@ -190,6 +226,7 @@ def main(argv=None) -> dict:
         px, py = tan_project(pts["ra"], pts["dec"], ra0, dec0)
         ptree = cKDTree(np.column_stack([px, py]))
         selected = psc_selection(Table(pts))
+        scale_err = _scale_errors(args.out, scan["scan"])
         for b in BANDS:
             p = b.lower()
             m_true = np.nan_to_num(src[f"{p}_m"].astype(float), nan=99.0)
@@ -249,6 +286,8 @@ def main(argv=None) -> dict:
             acc[b]["dm"].append(mm)
             acc[b]["cmsig"].append(cs)
             acc[b]["rd"].append(rr)
+            acc[b]["scale"].append(np.full(stars.size, scale_err.get(b, 0.0)))
+            acc[b]["scan"].append(np.full(stars.size, scan["scan"]))
             # Reliability.
             snr = np.asarray(pts[f"{p}_snr"], float)
             cc = np.array([s[BANDS.index(b)] for s in pts["cc_flg"].astype(str)])
@@ -318,6 +357,8 @@ def main(argv=None) -> dict:
         reg = (m_true >= lo) & (m_true <= hi) & np.isfinite(dm) & (rd == 2)
         med, sc = _robust(dm[reg])
         _, nsc = _robust(dm[reg] / cs[reg])
+        honest = honest_spread(cs[reg], np.concatenate(a["scale"])[reg], np.concatenate(a["scan"])[reg]) \
+            if reg.sum() >= 10 else (np.nan,) * 4
         lim = m_true <= LIMIT[b]
         res = {
             "isolated_stars_to_limit": int(lim.sum()),
@@ -338,6 +379,8 @@ def main(argv=None) -> dict:
             "unsat_n": int(reg.sum()), "unsat_bias": med, "unsat_scatter": sc,
             "unsat_median_cmsig": float(np.nanmedian(cs[reg])) if reg.any() else None,
             "unsat_norm_spread": nsc,
+            "unsat_norm_spread_honest": dict(zip(("median", "p5", "p95", "p_outside_0.85_1.2"), honest,
+                                                 strict=True)),
         }
         for code in (1, 3):
             sel = (rd == code) & np.isfinite(dm)
@@ -352,7 +395,8 @@ def main(argv=None) -> dict:
               f"(PSC area {res['reliability_snr10_psc_area']:.4f} of {rel_psc.size}, PSC-selected "
               f"{res['reliability_snr10_psc_selected']:.4f} of {rel_sel.size}); "
               f"unsat ({reg.sum()}): bias {med:+.4f} scatter {sc:.4f} median cmsig "
-              f"{res['unsat_median_cmsig']:.4f} norm spread {nsc:.2f}; "
+              f"{res['unsat_median_cmsig']:.4f} norm spread {nsc:.2f} (honest errors: {honest[0]:.2f}, "
+              f"5-95 % {honest[1]:.2f}-{honest[2]:.2f}, outside 0.85-1.2 {honest[3]:.0%}); "
               f"R1 n={res['rd1_n']} bias {res['rd1_bias']:+.3f} scatter {res['rd1_scatter']:.3f}; "
               f"rd3 n={res['rd3_n']}")
     m = merge

@@ -499,3 +499,25 @@ def test_stars_on_a_bright_neighbours_wing_are_found(scans, grids):
     t, (j1, _), _, _, _ = _detect_pairs(scans, grids, np.random.default_rng(11), dmag=(15.0, 15.0), **kw)
     tree = cKDTree(np.stack([t["x"], t["y"]], 1))
     assert sum(len(tree.query_ball_point([t["x"][j], t["y"][j]], 16.0)) - 1 for j in j1) == 0
+
+
+def test_stars_closer_in_on_a_bright_wing_are_found(scans, grids):
+    """6-10" from a star 3-5 mag brighter (SNR ~1000-3000, seeing 3.1") a faint star can
+    show no peak in either map; the sharp map less the bright star's azimuthal median
+    profile shows it (``wing_parent_snr``, step 7b). Measured on 40 pairs: 88 % found as
+    two detections, 50 % without; no other detection near the pairs, and none within 16"
+    of the same bright stars alone (7 there before the profile margin)."""
+    import dataclasses
+
+    n = 40
+    kw = {"n": n, "sep": (6.0, 10.0), "fwhm": 3.1, "f1_log": (4.3, 4.7)}
+    found = {}
+    for name, cfg in (("on", DetectConfig()), ("off", dataclasses.replace(DetectConfig(), wing_parent_snr=0.0))):
+        _, _, _, two, extra = _detect_pairs(scans, grids, np.random.default_rng(12), dmag=(3.0, 5.0),
+                                            config=cfg, **kw)
+        found[name] = two.mean()
+        assert extra.sum() == 0
+    assert found["on"] >= 0.8 and found["off"] <= 0.6, found
+    t, (j1, _), _, _, _ = _detect_pairs(scans, grids, np.random.default_rng(12), dmag=(15.0, 15.0), **kw)
+    tree = cKDTree(np.stack([t["x"], t["y"]], 1))
+    assert sum(len(tree.query_ball_point([t["x"][j], t["y"][j]], 16.0)) - 1 for j in j1) == 0
