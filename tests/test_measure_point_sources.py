@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "profiling"))
-from measure_point_sources import honest_spread  # noqa: E402
+from measure_point_sources import honest_spread
 
 
 def test_honest_spread_of_stars_with_their_own_errors_is_one():
@@ -24,7 +24,7 @@ def test_a_shared_scale_error_makes_one_nights_spread_wide():
     2.4-4.4): a night's spread ranges widely, though every error is honest."""
     cmsig = np.geomspace(0.0025, 0.03, 250)
     scale = np.full(250, 0.002)
-    med, p5, p95, out = honest_spread(cmsig, scale, np.repeat([1, 2], 125), draws=500)
+    _, p5, p95, out = honest_spread(cmsig, scale, np.repeat([1, 2], 125), draws=500)
     assert p95 - p5 > 0.25 and out > 0.05
     # And the draws are what they say: data drawn that way fall inside [p5, p95] ~90 % of the time.
     rng = np.random.default_rng(1)
