@@ -64,6 +64,11 @@ where 2MASS is not explicit:
    matched SNR still reaches the threshold (a star on a bright neighbour's wing, with no
    matched-filter peak of its own) is added when it stands ``secondary_snr`` above the
    highest sharp value on a :attr:`~DetectConfig.hidden_ring_arcsec` ring around it.
+   7b. Closer in, 6–16" from a detection of SNR ≥ :attr:`~DetectConfig.wing_parent_snr`,
+   even the sharp map can be a slope without a peak: there the sharp map less the bright
+   star's azimuthal median profile is searched (:func:`_wing_residual_peaks`). Such
+   detections are flagged :data:`FLAG_WING`; PSF photometry fits each together with its
+   bright neighbour, whose wing a flat local background would leave in the fit.
 8. **Saturated stars.** A detection whose core contains filled hole pixels, or whose
    peak pixel is below :attr:`~DetectConfig.flat_top_ratio` of what its flux predicts
    (a flat top), is flagged :data:`FLAG_SATURATED` and absorbs every other peak within
@@ -103,6 +108,7 @@ __all__ = [
     "FLAG_LOW_COVERAGE",
     "FLAG_SATURATED",
     "FLAG_SECONDARY",
+    "FLAG_WING",
     "DetectConfig",
     "DetectWarning",
     "DetectionMaps",
@@ -125,6 +131,9 @@ FLAG_SATURATED = 8
 FLAG_BLENDED = 16
 #: Found by the sharp deblending filter (module step 7), not a matched-filter peak.
 FLAG_SECONDARY = 32
+#: Found on a bright neighbour's wing, 6–16" out (module step 7b); PSF photometry fits it
+#: together with that neighbour.
+FLAG_WING = 64
 
 FLAG_BITS = {
     FLAG_EDGE: "edge: the matched filter is truncated by the image edge or unusable pixels",
@@ -133,6 +142,7 @@ FLAG_BITS = {
     FLAG_SATURATED: "saturated: filled or flat-topped core; peaks around it absorbed",
     FLAG_BLENDED: "blended: another detection within blend_radius_arcsec",
     FLAG_SECONDARY: "secondary: separated from a brighter neighbour by the sharp filter",
+    FLAG_WING: "wing: found on a bright neighbour's wing, 6-16 arcsec out (fitted with it)",
 }
 
 #: Output columns, in order, with their dtypes.
@@ -1132,7 +1142,7 @@ def _assemble(prim, sec, psf, sharp, cfg: DetectConfig, grid, meta, sample) -> T
                          | np.where(sec["cover"][add] < 1 - 1e-3, FLAG_EDGE, 0)
                          | np.where(sec["cov"][add] < cfg.min_coverage, FLAG_LOW_COVERAGE, 0)
                          | np.where(sec["hole"][add], FLAG_HOLE, 0),
-                         np.full(wx.size, FLAG_SECONDARY)])
+                         np.full(wx.size, FLAG_SECONDARY | FLAG_WING)])
     order = np.lexsort((xs, ys, -snr_out))
     xs, ys, snr_out, flux_out = xs[order], ys[order], snr_out[order], flux_out[order]
     peak_out, npix_out, fl = peak_out[order], npix_out[order], fl[order]
