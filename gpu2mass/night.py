@@ -387,7 +387,7 @@ def _point_sources(night: Night, info, per_band, images, noises, mjd_mid: float,
     from gpu2mass.bandmerge import band_fill_upper_limits, run_bandmerge
     from gpu2mass.brightstars import run_saturated_photometry
     from gpu2mass.catalog import assemble_point_sources, band_photometry
-    from gpu2mass.detect import DetectWarning, run_detect
+    from gpu2mass.detect import FLAG_WING, DetectWarning, run_detect
     from gpu2mass.frames import MASK_R1_SATURATED, MASK_SATURATED, UNUSABLE_R1
     from gpu2mass.geometry import tan_project
     from gpu2mass.psfmodel import run_psf_model
@@ -431,6 +431,7 @@ def _point_sources(night: Night, info, per_band, images, noises, mjd_mid: float,
                                      psf_alpha=model.alpha_px, psf_beta=model.beta,
                                      ra=np.asarray(found["ra"]), dec=np.asarray(found["dec"]),
                                      flux=np.asarray(found["flux"]),
+                                     wing=(np.asarray(found["flags"]) & FLAG_WING) != 0,
                                      gain_e_per_dn=float(inst.gain_e_per_dn[band]), config=cfg.psfphot)
         with timer("aperphot"):
             acfg = replace(cfg.aperphot, gain_e_per_dn=float(inst.gain_e_per_dn[band]),
