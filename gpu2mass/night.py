@@ -483,8 +483,8 @@ def _point_sources(night: Night, info, per_band, images, noises, mjd_mid: float,
         bp["snr"] = np.where(np.isfinite(meas) & (meas > 0), meas,
                              np.maximum(np.asarray(found["snr"], float), 0.1))
         bp["x"], bp["y"] = geo.sky_to_pixel(0, np.asarray(bp["ra"]), np.asarray(bp["dec"]))
-        bands[band] = bp[~np.asarray(bp["duplicate"])]
-        bands[band].remove_column("duplicate")
+        bands[band] = bp[~(np.asarray(bp["duplicate"]) | np.asarray(bp["cosmic_ray"]))]
+        bands[band].remove_columns(["duplicate", "cosmic_ray"])
     with timer("bandmerge"):
         merged = run_bandmerge(bands, config=cfg.bandmerge)
         limits = {}

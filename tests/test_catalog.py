@@ -79,3 +79,19 @@ def test_a_saturated_star_detected_twice_is_one(rng):
                  "ra": [10.0, 10.0], "dec": [0.1, 0.1 + 3.0 / 3600]})
     t = band_photometry(psf, aper, saturated_fit=fit, zp=20.0, band="J")
     assert list(t["duplicate"]) == [False] * 4 + [True, False]
+
+
+def test_a_poor_fit_on_one_frame_is_a_cosmic_ray(rng):
+    """``lone_max_psfchi``: a PSF fit that at most one frame measured, with psfchi above 6 and
+    SNR below 50, is flagged for dropping; the same fit on six frames, a good fit on one
+    frame, and a bright star's poor fit on one frame are kept."""
+    psf, aper = _inputs(rng, n=10)
+    psf["flux"] = np.full(10, 1000.0)
+    psf["flux_err"] = np.full(10, 70.0)  # SNR ~15
+    psf["psfchi"][[1, 2, 3]] = [9.0, 9.0, 2.0]
+    aper["n_meas"][[1, 3, 4]] = 1
+    aper["n_det"][[1, 3, 4]] = 1
+    psf["psfchi"][4] = 9.0
+    psf["flux_err"][4] = 10.0  # SNR 100
+    t = band_photometry(psf, aper, zp=20.0, band="K")
+    assert list(np.flatnonzero(t["cosmic_ray"])) == [1]
