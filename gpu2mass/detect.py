@@ -1079,10 +1079,7 @@ def _assemble(prim, sec, psf, sharp, cfg: DetectConfig, grid, meta, sample) -> T
                           cfg.sharp_dip_fraction)
         srep, gx, gy, _, _ = _merge(sx, sy, ss, lab, cfg.sharp_dip_fraction)
         dist, _near = cKDTree(np.stack([x, y], 1)).query(np.stack([gx, gy], 1))
-        inside_sat = np.zeros(srep.size, bool)
-        if sat.any():
-            for i in np.flatnonzero(sat):
-                inside_sat |= np.hypot(gx - x[i], gy - y[i]) <= absorb[i]
+        inside_sat = _near_saturated(gx, gy, x, y, sat, absorb)
         # Farther out, a star on a bright neighbour's wing can show no matched-filter peak
         # of its own (the wing's slope exceeds its own) but a sharp one. The PSF model
         # holds too little of the real wings to predict them there, so such a peak must
@@ -1131,11 +1128,8 @@ def _assemble(prim, sec, psf, sharp, cfg: DetectConfig, grid, meta, sample) -> T
     # A saturated star absorbs the peaks around it (step 8), those of another star's wing
     # search too: its spikes and non-round core made two false sources 4.3-4.7" from J 6.3
     # and H 5.0 stars (scan preset, ci seed 2).
-    if wx.size and sat.any():
-        on_sat = np.zeros(wx.size, bool)
-        for i in np.flatnonzero(sat):
-            on_sat |= np.hypot(wx - x[i], wy - y[i]) <= absorb[i]
-        wx, wy, ws = wx[~on_sat], wy[~on_sat], ws[~on_sat]
+    on_sat = _near_saturated(wx, wy, x, y, sat, absorb)
+    wx, wy, ws = wx[~on_sat], wy[~on_sat], ws[~on_sat]
     with np.errstate(invalid="ignore", divide="ignore"):
         per_snr = sample("sharp_signal", wx, wy) / sample("sharp", wx, wy) if wx.size else np.zeros(0)
     h, hs = psf.shape[0] // 2, sharp.shape[0] // 2
@@ -1169,6 +1163,15 @@ def _assemble(prim, sec, psf, sharp, cfg: DetectConfig, grid, meta, sample) -> T
         t[k].unit = u
     t.meta.update(meta)
     return t
+
+
+def _near_saturated(u, v, x, y, sat, absorb):
+    """(k,) bool: which of the positions (u, v) lie within ``absorb`` of a saturated
+    detection (``sat``) at (x, y) (step 8: a saturated star absorbs the peaks around it)."""
+    near = np.zeros(np.shape(u), bool)
+    for i in np.flatnonzero(sat):
+        near |= np.hypot(u - x[i], v - y[i]) <= absorb[i]
+    return near
 
 
 def _wing_residual_peaks(bx, by, det_x, det_y, sample, cfg: DetectConfig):

@@ -478,6 +478,25 @@ def test_bad_input_and_config():
     assert all(isinstance(v, str) for v in FLAG_BITS.values())
 
 
+def _wing_pairs_found(scans, grids, *, seed, sep, dmag, off):
+    """40 pairs of a bright star (SNR ~1000-3000, seeing 3.1") and one ``dmag`` fainter
+    ``sep`` arcsec away, detected with the default config and with ``off`` replacing some
+    of it. Returns ({"on", "off"}: fraction found as two detections, with no other
+    detection near any pair), and the detections within 16" of the same bright stars
+    alone (their neighbour 15 mag fainter)."""
+    import dataclasses
+
+    kw = {"n": 40, "sep": sep, "fwhm": 3.1, "f1_log": (4.3, 4.7)}
+    found = {}
+    for name, cfg in (("on", DetectConfig()), ("off", dataclasses.replace(DetectConfig(), **off))):
+        _, _, _, two, extra = _detect_pairs(scans, grids, np.random.default_rng(seed), dmag=dmag,
+                                            config=cfg, **kw)
+        found[name] = two.mean()
+        assert extra.sum() == 0
+    t, (j1, _), _, _, _ = _detect_pairs(scans, grids, np.random.default_rng(seed), dmag=(15.0, 15.0), **kw)
+    tree = cKDTree(np.stack([t["x"], t["y"]], 1))
+    return found, sum(len(tree.query_ball_point([t["x"][j], t["y"][j]], 16.0)) - 1 for j in j1)
+
 
 def test_stars_on_a_bright_neighbours_wing_are_found(scans, grids):
     """A faint star 10.5-14" from a star 4.5-6 mag brighter (SNR ~1000-3000) in poor
@@ -485,20 +504,10 @@ def test_stars_on_a_bright_neighbours_wing_are_found(scans, grids):
     being steeper; the sharp filter shows it (``hidden_ring_arcsec``). Measured on 40
     pairs: 80 % found as two detections, 45 % without the search; no other detection near
     the pairs, and none around the same bright stars when they have no neighbour."""
-    import dataclasses
-
-    n = 40
-    kw = {"n": n, "sep": (10.5, 14.0), "fwhm": 3.1, "f1_log": (4.3, 4.7)}
-    found = {}
-    for name, cfg in (("on", DetectConfig()), ("off", dataclasses.replace(DetectConfig(), hidden_ring_arcsec=0.0))):
-        _, _, _, two, extra = _detect_pairs(scans, grids, np.random.default_rng(11), dmag=(4.5, 6.0),
-                                            config=cfg, **kw)
-        found[name] = two.mean()
-        assert extra.sum() == 0
+    found, lone = _wing_pairs_found(scans, grids, seed=11, sep=(10.5, 14.0), dmag=(4.5, 6.0),
+                                    off={"hidden_ring_arcsec": 0.0})
     assert found["on"] >= 0.7 and found["off"] <= 0.6, found
-    t, (j1, _), _, _, _ = _detect_pairs(scans, grids, np.random.default_rng(11), dmag=(15.0, 15.0), **kw)
-    tree = cKDTree(np.stack([t["x"], t["y"]], 1))
-    assert sum(len(tree.query_ball_point([t["x"][j], t["y"][j]], 16.0)) - 1 for j in j1) == 0
+    assert lone == 0
 
 
 def test_stars_closer_in_on_a_bright_wing_are_found(scans, grids):
@@ -507,17 +516,7 @@ def test_stars_closer_in_on_a_bright_wing_are_found(scans, grids):
     profile shows it (``wing_parent_snr``, step 7b). Measured on 40 pairs: 88 % found as
     two detections, 50 % without; no other detection near the pairs, and none within 16"
     of the same bright stars alone (7 there before the profile margin)."""
-    import dataclasses
-
-    n = 40
-    kw = {"n": n, "sep": (6.0, 10.0), "fwhm": 3.1, "f1_log": (4.3, 4.7)}
-    found = {}
-    for name, cfg in (("on", DetectConfig()), ("off", dataclasses.replace(DetectConfig(), wing_parent_snr=0.0))):
-        _, _, _, two, extra = _detect_pairs(scans, grids, np.random.default_rng(12), dmag=(3.0, 5.0),
-                                            config=cfg, **kw)
-        found[name] = two.mean()
-        assert extra.sum() == 0
+    found, lone = _wing_pairs_found(scans, grids, seed=12, sep=(6.0, 10.0), dmag=(3.0, 5.0),
+                                    off={"wing_parent_snr": 0.0})
     assert found["on"] >= 0.8 and found["off"] <= 0.6, found
-    t, (j1, _), _, _, _ = _detect_pairs(scans, grids, np.random.default_rng(12), dmag=(15.0, 15.0), **kw)
-    tree = cKDTree(np.stack([t["x"], t["y"]], 1))
-    assert sum(len(tree.query_ball_point([t["x"][j], t["y"][j]], 16.0)) - 1 for j in j1) == 0
+    assert lone == 0
