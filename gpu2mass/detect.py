@@ -64,16 +64,18 @@ where 2MASS is not explicit:
    matched SNR still reaches the threshold (a star on a bright neighbour's wing, with no
    matched-filter peak of its own) is added when it stands ``secondary_snr`` above the
    highest sharp value on a :attr:`~DetectConfig.hidden_ring_arcsec` ring around it.
-   7b. Closer in, 6–16" from a detection of SNR ≥ :attr:`~DetectConfig.wing_parent_snr`,
-   even the sharp map can be a slope without a peak: there the sharp map less the bright
-   star's azimuthal median profile is searched (:func:`_wing_residual_peaks`). Such
+   7b. Closer in, 5–16" from a detection of SNR ≥ :attr:`~DetectConfig.wing_parent_snr`
+   (6–16" around a core some frames left out), even the sharp map can be a slope without
+   a peak: there the sharp map less the bright star's azimuthal median profile is
+   searched (:func:`_wing_residual_peaks`). Such
    detections are flagged :data:`FLAG_WING`; PSF photometry fits each together with its
    bright neighbour, whose wing a flat local background would leave in the fit.
 8. **Saturated stars.** A detection whose core contains filled hole pixels, or whose
    peak pixel is below :attr:`~DetectConfig.flat_top_ratio` of what its flux predicts
    (a flat top), is flagged :data:`FLAG_SATURATED` and absorbs every other peak within
    :attr:`~DetectConfig.saturated_radius_arcsec` plus the hole's radius (one detection,
-   not a ring of them).
+   not a ring of them; a hole of at least :attr:`~DetectConfig.hole_centre_min_pixels`
+   absorbs from its centroid too, as the peak can lie on its rim, up to 4" off).
 9. **Groups.** Detections within ``blend_radius_arcsec`` of each other (friends of
    friends) share a ``group`` id: the PSF fitter fits them together (2MASS: blends
    closer than ~5" are fitted simultaneously).
@@ -131,7 +133,7 @@ FLAG_SATURATED = 8
 FLAG_BLENDED = 16
 #: Found by the sharp deblending filter (module step 7), not a matched-filter peak.
 FLAG_SECONDARY = 32
-#: Found on a bright neighbour's wing, 6–16" out (module step 7b); PSF photometry fits it
+#: Found on a bright neighbour's wing, 5–16" out (module step 7b); PSF photometry fits it
 #: together with that neighbour.
 FLAG_WING = 64
 
@@ -142,7 +144,7 @@ FLAG_BITS = {
     FLAG_SATURATED: "saturated: filled or flat-topped core; peaks around it absorbed",
     FLAG_BLENDED: "blended: another detection within blend_radius_arcsec",
     FLAG_SECONDARY: "secondary: separated from a brighter neighbour by the sharp filter",
-    FLAG_WING: "wing: found on a bright neighbour's wing, 6-16 arcsec out (fitted with it)",
+    FLAG_WING: "wing: found on a bright neighbour's wing, 5-16 arcsec out (fitted with it)",
 }
 
 #: Output columns, in order, with their dtypes.
@@ -189,6 +191,10 @@ class DetectConfig:
     hole_max_pixels
         Unusable regions not touching the border and at most this large are filled
         (masked star cores, bad-pixel clusters), pixels (2000: a 25" radius core).
+    hole_centre_min_pixels
+        A saturated detection on a hole of at least this many pixels also absorbs the
+        peaks around the hole's centroid (module step 8), pixels (9, decided: a
+        saturated core 3" across; smaller gaps are bad pixels no frame covered).
     sharp_fwhm_arcsec
         FWHM of the Gaussian deblending filter, arcsec (1.0: on synthetic pairs 4.5"-6"
         apart, 85 % come out as two against 72 % at 1.5").
@@ -212,13 +218,25 @@ class DetectConfig:
         0 turns the search off.
     wing_parent_snr, wing_inner_arcsec, wing_outer_arcsec, wing_profile_tolerance
         Around unsaturated detections of at least this SNR (100), the sharp map less the
-        detection's azimuthal median profile is searched for peaks 6"–16" away (step 7b:
+        detection's azimuthal median profile is searched for peaks 5"–16" away (step 7b:
         closer to a much brighter star, even the sharp map can be a slope without a peak;
-        the misses of ci seed 9 sat 5–13" from stars 1.6–6.8 mag brighter). A peak must
+        the misses of ci seed 9 sat 5–13" from stars 1.6–6.8 mag brighter; within 5" the
+        sharp companions of step 7 take over). A peak must
         exceed ``secondary_snr`` plus 0.3 of the profile there: the Atlas profile of a
         bright star is not round within ~6" (its frames' 2" pixels sample it at different
         phases), and 4–6" from 40 lone SNR 1000–3000 stars it left 7 residual peaks of
         9–55σ without that margin. 0 (``wing_parent_snr``) turns the search off.
+    wing_inner_masked_arcsec
+        Inner radius of the search (6") around a detection whose core some frames left
+        out (COVERAGE within 2" of its peak below the most there: saturated in those
+        frames, their pixels masked and not filled). Its core is the mean of fewer frames,
+        less round still: 5.3" from an H 8.1 star saturated in 3 of 6 frames the search
+        found a false source (ci seed 9) that it does not from 6".
+    wing_clear_arcsec
+        A wing peak this close to a detection is that detection (3"). A sharp companion
+        of step 7 on the same wing can sit 2.1-2.2" from its star (the wing peak on it):
+        at 2" (``merge_radius_arcsec``) 2 of 40 synthetic pairs 5-6" apart came out as
+        three sources.
     dip_radius_arcsec, dip_snr, dip_fraction
         Peaks closer than ``dip_radius_arcsec`` (10") are one source unless the SNR map
         dips between them, below the fainter, by at least ``max(dip_snr, dip_fraction · S)``
@@ -256,6 +274,7 @@ class DetectConfig:
     mesh_min_fraction: float = 0.5
     mesh_filter: int = 3
     hole_max_pixels: int = 2000
+    hole_centre_min_pixels: int = 9
     sharp_fwhm_arcsec: float = 1.0
     secondary_snr: float = 5.0
     merge_radius_arcsec: float = 2.0
@@ -263,7 +282,9 @@ class DetectConfig:
     wing_tolerance: float = 0.15
     hidden_ring_arcsec: float = 3.0
     wing_parent_snr: float = 100.0
-    wing_inner_arcsec: float = 6.0
+    wing_inner_arcsec: float = 5.0
+    wing_inner_masked_arcsec: float = 6.0
+    wing_clear_arcsec: float = 3.0
     wing_outer_arcsec: float = 16.0
     wing_profile_tolerance: float = 0.3
     dip_radius_arcsec: float = 10.0
@@ -278,7 +299,8 @@ class DetectConfig:
     noise_min_pixels: int = 1000
 
     def __post_init__(self):
-        ints = {"mesh_px", "mesh_filter", "hole_max_pixels", "min_coverage", "noise_min_pixels"}
+        ints = {"mesh_px", "mesh_filter", "hole_max_pixels", "hole_centre_min_pixels",
+                "min_coverage", "noise_min_pixels"}
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name in ints:
@@ -889,6 +911,13 @@ def run_detect(image, *, sigma=None, coverage=None, seeing_fwhm_arcsec=None, gri
     pk_s = _local_max(xp, nd, m.sharp_snr, m.usable, cfg.secondary_snr)
     lab, _ = nd.label(m.snr >= thr)
     sizes = xp.bincount(lab.ravel())
+    # Each hole's centroid and size (step 8 places a saturated core's detection there).
+    hlab, nh = nd.label(m.hole)
+    hy_i, hx_i = xp.nonzero(hlab)
+    hsize = xp.bincount(hlab[hy_i, hx_i], minlength=int(nh) + 1).astype(xp.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hcx = xp.bincount(hlab[hy_i, hx_i], hx_i.astype(xp.float64), int(nh) + 1) / hsize
+        hcy = xp.bincount(hlab[hy_i, hx_i], hy_i.astype(xp.float64), int(nh) + 1) / hsize
     d = xp.where(m.usable, xp.asarray(data, xp.float64) - m.background, 0.0)
     d = xp.where(xp.isfinite(d), d, 0.0)
 
@@ -901,9 +930,12 @@ def run_detect(image, *, sigma=None, coverage=None, seeing_fwhm_arcsec=None, gri
             "peak": _gather(xp, d, yi, xi).max(axis=(1, 2)),
             "hole": _gather(xp, m.hole, yi, xi, 2).any(axis=(1, 2)),
             "nhole": _gather(xp, m.hole, yi, xi, 12).sum(axis=(1, 2)),
-            "cov": coverage[yi, xi], "npix": xp.where(lab[yi, xi] > 0, sizes[lab[yi, xi]], 0),
+            "cov": coverage[yi, xi], "cov_min2": _gather(xp, coverage, yi, xi, 2).min(axis=(1, 2)),
+            "cov_max2": _gather(xp, coverage, yi, xi, 2).max(axis=(1, 2)), "npix": xp.where(lab[yi, xi] > 0, sizes[lab[yi, xi]], 0),
             "fs3": _gather(xp, m.sharp_signal, yi, xi),
         }
+        hl = _gather(xp, hlab, yi, xi, 2).max(axis=(1, 2))
+        vals.update(hsize=hsize[hl], hx=hcx[hl], hy=hcy[hl])
         return {k: np.asarray(to_host(v)) for k, v in vals.items()}
 
     prim = gather(pk)
@@ -1057,18 +1089,29 @@ def _assemble(prim, sec, psf, sharp, cfg: DetectConfig, grid, meta, sample) -> T
     sat = p["hole"] | plateau
     absorb = cfg.saturated_radius_arcsec / px + np.maximum(np.sqrt(p["nhole"] / math.pi),
                                                            np.where(plateau, ext, 0.0))
+    # A star whose masked core the coadd left as a hole can peak on the hole's rim, up to
+    # 4" from its centre (16 synthetic Ks 0.5-2 stars); measured from the peak alone, the
+    # absorb radius leaves the far rim a second detection. So a hole of at least
+    # ``hole_centre_min_pixels`` absorbs from its centroid too. The position stays the
+    # peak's: a hole beside a star, not under it (bad pixels no frame covered), would
+    # take it 3-4" off (the tiny night).
+    big = p["hole"] & (p["hsize"] >= cfg.hole_centre_min_pixels)
+    ax, ay = np.where(big, p["hx"], x), np.where(big, p["hy"], y)
     if p["hole"].any():
         tree = cKDTree(np.stack([x, y], 1))
         for i in np.flatnonzero(p["hole"] & keep)[np.argsort(-s[p["hole"] & keep])]:
             if keep[i]:
-                for j in tree.query_ball_point([x[i], y[i]], absorb[i]):
+                near = set(tree.query_ball_point([x[i], y[i]], absorb[i]))
+                near |= set(tree.query_ball_point([ax[i], ay[i]], absorb[i]))
+                for j in near:
                     if j != i and s[j] <= s[i]:
                         keep[j] = False
     flags = np.where(p["cover"] < 1.0 - 1e-3, FLAG_EDGE, 0)
     flags |= np.where(p["cov"] < cfg.min_coverage, FLAG_LOW_COVERAGE, 0)
     flags |= np.where(p["hole"], FLAG_HOLE, 0)
     flags |= np.where(sat, FLAG_SATURATED, 0)
-    x, y, s, flux, flags, sat, absorb = (a[keep] for a in (x, y, s, flux, flags, sat, absorb))
+    x, y, s, flux, flags, sat, absorb, ax, ay = (a[keep] for a in (x, y, s, flux, flags, sat,
+                                                                 absorb, ax, ay))
     p = {k: v[keep] for k, v in p.items()}
     # Step 7: companions from the sharp filter.
     add = np.zeros(sec["x"].size, bool)
@@ -1079,7 +1122,7 @@ def _assemble(prim, sec, psf, sharp, cfg: DetectConfig, grid, meta, sample) -> T
                           cfg.sharp_dip_fraction)
         srep, gx, gy, _, _ = _merge(sx, sy, ss, lab, cfg.sharp_dip_fraction)
         dist, _near = cKDTree(np.stack([x, y], 1)).query(np.stack([gx, gy], 1))
-        inside_sat = _near_saturated(gx, gy, x, y, sat, absorb)
+        inside_sat = _near_saturated(gx, gy, x, y, ax, ay, sat, absorb)
         # Farther out, a star on a bright neighbour's wing can show no matched-filter peak
         # of its own (the wing's slope exceeds its own) but a sharp one. The PSF model
         # holds too little of the real wings to predict them there, so such a peak must
@@ -1123,12 +1166,15 @@ def _assemble(prim, sec, psf, sharp, cfg: DetectConfig, grid, meta, sample) -> T
     n_add = int(add.sum())
     # Step 7b: stars on a bright neighbour's wing with no peak of their own in either map.
     bright = ~sat & (s >= cfg.wing_parent_snr) if cfg.wing_parent_snr > 0 else np.zeros(s.size, bool)
-    wx, wy, ws = _wing_residual_peaks(x[bright], y[bright], np.concatenate([x, sx[add]]),
+    masked_core = p["cov_min2"] < p["cov_max2"]
+    inner = np.where(masked_core, cfg.wing_inner_masked_arcsec, cfg.wing_inner_arcsec)
+    wx, wy, ws = _wing_residual_peaks(x[bright], y[bright], inner[bright],
+                                      np.concatenate([x, sx[add]]),
                                       np.concatenate([y, sy[add]]), sample, cfg)
     # A saturated star absorbs the peaks around it (step 8), those of another star's wing
     # search too: its spikes and non-round core made two false sources 4.3-4.7" from J 6.3
     # and H 5.0 stars (scan preset, ci seed 2).
-    on_sat = _near_saturated(wx, wy, x, y, sat, absorb)
+    on_sat = _near_saturated(wx, wy, x, y, ax, ay, sat, absorb)
     wx, wy, ws = wx[~on_sat], wy[~on_sat], ws[~on_sat]
     with np.errstate(invalid="ignore", divide="ignore"):
         per_snr = sample("sharp_signal", wx, wy) / sample("sharp", wx, wy) if wx.size else np.zeros(0)
@@ -1165,22 +1211,24 @@ def _assemble(prim, sec, psf, sharp, cfg: DetectConfig, grid, meta, sample) -> T
     return t
 
 
-def _near_saturated(u, v, x, y, sat, absorb):
+def _near_saturated(u, v, x, y, ax, ay, sat, absorb):
     """(k,) bool: which of the positions (u, v) lie within ``absorb`` of a saturated
-    detection (``sat``) at (x, y) (step 8: a saturated star absorbs the peaks around it)."""
+    detection (``sat``) at (x, y) or of its hole's centre (ax, ay) (step 8: a saturated
+    star absorbs the peaks around it)."""
     near = np.zeros(np.shape(u), bool)
     for i in np.flatnonzero(sat):
-        near |= np.hypot(u - x[i], v - y[i]) <= absorb[i]
+        near |= (np.hypot(u - x[i], v - y[i]) <= absorb[i]) | (
+            np.hypot(u - ax[i], v - ay[i]) <= absorb[i])
     return near
 
 
-def _wing_residual_peaks(bx, by, det_x, det_y, sample, cfg: DetectConfig):
+def _wing_residual_peaks(bx, by, inner_arcsec, det_x, det_y, sample, cfg: DetectConfig):
     """Step 7b: peaks of the sharp SNR map less each bright detection's azimuthal median
     profile (its wing, which a faint neighbour's own peak can drown in), at
-    ``wing_inner_arcsec``–``wing_outer_arcsec`` from it, that stand ``secondary_snr`` (plus
+    ``inner_arcsec`` (per detection)–``wing_outer_arcsec`` from it, that stand ``secondary_snr`` (plus
     ``wing_profile_tolerance`` of the profile) above the median and ``secondary_snr``
     above the highest residual on a ``hidden_ring_arcsec`` ring (a spike
-    running through is a ridge, not a peak), farther than ``merge_radius_arcsec`` from
+    running through is a ridge, not a peak), farther than ``wing_clear_arcsec`` from
     every detection. Returns Atlas pixel x, y and the residual sharp SNR (integer
     positions: the PSF fit refines them)."""
     from scipy.ndimage import maximum_filter
@@ -1194,13 +1242,13 @@ def _wing_residual_peaks(bx, by, det_x, det_y, sample, cfg: DetectConfig):
     ang = np.linspace(0.0, 2 * np.pi, 16, endpoint=False)
     ox, oy = np.rint(ring_r * np.cos(ang)).astype(int), np.rint(ring_r * np.sin(ang)).astype(int)
     found = []
-    for bxi, byi in zip(bx, by, strict=True):
+    for bxi, byi, inner in zip(bx, by, inner_arcsec, strict=True):
         cx, cy = np.rint(bxi), np.rint(byi)
         # Radii from the detection's own centre: on a steep wing, half a pixel off centre
         # leaves a dipole of several sigma.
         r = np.hypot(gx + cx - bxi, gy + cy - byi)
         shell = np.rint(2 * r).astype(int)  # half-pixel shells
-        zone = (r >= cfg.wing_inner_arcsec / px) & (r <= cfg.wing_outer_arcsec / px)
+        zone = (r >= inner / px) & (r <= cfg.wing_outer_arcsec / px)
         vals = sample("sharp", (cx + gx).ravel(), (cy + gy).ravel()).reshape(gx.shape)
         idx, inv = np.unique(shell, return_inverse=True)
         # Median per shell: one sort by (shell, value), then each shell's middle element(s).
@@ -1225,13 +1273,13 @@ def _wing_residual_peaks(bx, by, det_x, det_y, sample, cfg: DetectConfig):
         return np.zeros(0), np.zeros(0), np.zeros(0)
     f = np.array(found, float)
     f = f[np.argsort(-f[:, 2], kind="stable")]
-    merge_r = cfg.merge_radius_arcsec / px
+    clear_r = cfg.wing_clear_arcsec / px
     taken = cKDTree(np.stack([det_x, det_y], 1)) if det_x.size else None
     keep = []
     for i in range(len(f)):
-        if taken is not None and taken.query_ball_point(f[i, :2], merge_r):
+        if taken is not None and taken.query_ball_point(f[i, :2], clear_r):
             continue
-        if any(np.hypot(*(f[i, :2] - f[j, :2])) <= merge_r for j in keep):
+        if any(np.hypot(*(f[i, :2] - f[j, :2])) <= clear_r for j in keep):
             continue  # seen from two bright neighbours
         keep.append(i)
     f = f[keep]
