@@ -50,9 +50,9 @@ Decisions where 2MASS is not explicit (facts sheet 16):
   model's plus, in quadrature, the scan's star-to-star scatter of the ratio beyond it
   (:attr:`CurveOfGrowth.ratio_scatter`: fainter neighbours in the aperture or the
   annulus), measured on the deviations from the block means: without it the brightest
-  star carries a block and the curve's error is its photon noise alone. The light beyond 14" and what the
-  star's own wing adds to the 14"–20" annulus (the annulus sky is biased high by it) are
-  not measured: they are extrapolated by a Moffat encircled-energy model
+  star carries a block and the curve's error is its photon noise alone. The light beyond
+  14" and what the star's own wing adds to the 14"–20" annulus (the annulus sky is biased
+  high by it) are not measured: they are extrapolated by a Moffat encircled-energy model
   ``EE(r) = 1 − (1 + r²/alpha²)^(1−beta)``, with the annulus term, fitted (alpha, beta)
   to the averaged curve; 2MASS's real PSF is not exactly a Moffat, so a quarter of that
   extrapolation is added to the correction's error (``cog_extrapolation_error``). With

@@ -67,9 +67,9 @@ where 2MASS is not explicit:
    7b. Closer in, 5–16" from a detection of SNR ≥ :attr:`~DetectConfig.wing_parent_snr`
    (6–16" around a core some frames left out), even the sharp map can be a slope without
    a peak: there the sharp map less the bright star's azimuthal median profile is
-   searched (:func:`_wing_residual_peaks`). Such
-   detections are flagged :data:`FLAG_WING`; PSF photometry fits each together with its
-   bright neighbour, whose wing a flat local background would leave in the fit.
+   searched (:func:`_wing_residual_peaks`). Such detections are flagged
+   :data:`FLAG_WING`; PSF photometry fits each together with its bright neighbour, whose
+   wing a flat local background would leave in the fit.
 8. **Saturated stars.** A detection whose core contains filled hole pixels, or whose
    peak pixel is below :attr:`~DetectConfig.flat_top_ratio` of what its flux predicts
    (a flat top), is flagged :data:`FLAG_SATURATED` and absorbs every other peak within
@@ -221,11 +221,10 @@ class DetectConfig:
         detection's azimuthal median profile is searched for peaks 5"–16" away (step 7b:
         closer to a much brighter star, even the sharp map can be a slope without a peak;
         the misses of ci seed 9 sat 5–13" from stars 1.6–6.8 mag brighter; within 5" the
-        sharp companions of step 7 take over). A peak must
-        exceed ``secondary_snr`` plus 0.3 of the profile there: the Atlas profile of a
-        bright star is not round within ~6" (its frames' 2" pixels sample it at different
-        phases), and 4–6" from 40 lone SNR 1000–3000 stars it left 7 residual peaks of
-        9–55σ without that margin. 0 (``wing_parent_snr``) turns the search off.
+        sharp companions of step 7 take over). A peak must exceed ``secondary_snr`` plus
+        0.3 of the profile there: the Atlas profile of a bright star is not round within
+        ~6" (its frames' 2" pixels sample it at different phases), and 4–6" from 40 lone
+        SNR 1000–3000 stars it left 7 residual peaks of 9–55σ without that margin. 0 (``wing_parent_snr``) turns the search off.
     wing_inner_masked_arcsec
         Inner radius of the search (6") around a detection whose core some frames left
         out (COVERAGE within 2" of its peak below the most there: saturated in those
@@ -911,7 +910,7 @@ def run_detect(image, *, sigma=None, coverage=None, seeing_fwhm_arcsec=None, gri
     pk_s = _local_max(xp, nd, m.sharp_snr, m.usable, cfg.secondary_snr)
     lab, _ = nd.label(m.snr >= thr)
     sizes = xp.bincount(lab.ravel())
-    # Each hole's centroid and size (step 8 places a saturated core's detection there).
+    # Each hole's centroid and size (step 8: a saturated core absorbs from its centroid).
     hlab, nh = nd.label(m.hole)
     hy_i, hx_i = xp.nonzero(hlab)
     hsize = xp.bincount(hlab[hy_i, hx_i], minlength=int(nh) + 1).astype(xp.float64)
@@ -930,8 +929,10 @@ def run_detect(image, *, sigma=None, coverage=None, seeing_fwhm_arcsec=None, gri
             "peak": _gather(xp, d, yi, xi).max(axis=(1, 2)),
             "hole": _gather(xp, m.hole, yi, xi, 2).any(axis=(1, 2)),
             "nhole": _gather(xp, m.hole, yi, xi, 12).sum(axis=(1, 2)),
-            "cov": coverage[yi, xi], "cov_min2": _gather(xp, coverage, yi, xi, 2).min(axis=(1, 2)),
-            "cov_max2": _gather(xp, coverage, yi, xi, 2).max(axis=(1, 2)), "npix": xp.where(lab[yi, xi] > 0, sizes[lab[yi, xi]], 0),
+            "cov": coverage[yi, xi],
+            "cov_min2": _gather(xp, coverage, yi, xi, 2).min(axis=(1, 2)),
+            "cov_max2": _gather(xp, coverage, yi, xi, 2).max(axis=(1, 2)),
+            "npix": xp.where(lab[yi, xi] > 0, sizes[lab[yi, xi]], 0),
             "fs3": _gather(xp, m.sharp_signal, yi, xi),
         }
         hl = _gather(xp, hlab, yi, xi, 2).max(axis=(1, 2))
@@ -1090,7 +1091,7 @@ def _assemble(prim, sec, psf, sharp, cfg: DetectConfig, grid, meta, sample) -> T
     absorb = cfg.saturated_radius_arcsec / px + np.maximum(np.sqrt(p["nhole"] / math.pi),
                                                            np.where(plateau, ext, 0.0))
     # A star whose masked core the coadd left as a hole can peak on the hole's rim, up to
-    # 4" from its centre (16 synthetic Ks 0.5-2 stars); measured from the peak alone, the
+    # 4" from its centre (16 synthetic saturated stars); measured from the peak alone, the
     # absorb radius leaves the far rim a second detection. So a hole of at least
     # ``hole_centre_min_pixels`` absorbs from its centroid too. The position stays the
     # peak's: a hole beside a star, not under it (bad pixels no frame covered), would

@@ -532,6 +532,7 @@ def test_saturated_star_in_a_bright_wing_search_adds_no_source(scans, grids):
     star when the absorb radius was measured from its peak alone, on the hole's rim 4.2"
     from its centre."""
     from gpu2mass.kernels import render_point_sources
+
     from gpu2mass.sim.artifacts import add_spikes
     from gpu2mass.sim.psf import moffat_alpha, optical_fwhm
 
