@@ -570,7 +570,7 @@ def test_saturated_star_in_a_bright_wing_search_adds_no_source(scans, grids):
     extra = [len(tree.query_ball_point([xs[i], ys[i]], 7.0)) - 1 for i in range(n)]
     assert sum(extra) == 0, extra
     # The wing parents themselves are still found (a few lie within a saturated star's
-    # absorb radius: 11 of 16 measured).
+    # absorb radius: 12 of 16 found).
     assert np.mean(tree.query(np.stack([xp, yp], 1))[0] < 1.5) >= 0.6
 
 
