@@ -685,7 +685,7 @@ def fit_curve_of_growth(phot: Table, *, config: AperPhotConfig = AperPhotConfig(
     alpha = np.zeros(nb)
     beta = np.zeros(nb)
     nst = np.zeros(nb, int)
-    members = np.zeros((nb, block.size))
+    members = np.zeros((nb, block.size), bool)
     r_in, r_out = config.sky_inner_arcsec, config.sky_outer_arcsec
     for b in range(nb):
         width = 0
@@ -693,7 +693,7 @@ def fit_curve_of_growth(phot: Table, *, config: AperPhotConfig = AperPhotConfig(
         while sel.sum() < config.cog_min_stars and width < nb:
             width += 1
             sel = np.abs(block - b) <= width
-        members[b] = sel.astype(float)
+        members[b] = sel
         nst[b] = int(sel.sum())
     # The noise model leaves out what makes bright stars' ratios differ from each other
     # (neighbours up to cog_isolation_dmag fainter inside 14" or in the annulus, the ones
@@ -705,16 +705,14 @@ def fit_curve_of_growth(phot: Table, *, config: AperPhotConfig = AperPhotConfig(
     for j in range(nr):
         if j == si:
             continue
-        first = np.array([_weighted_clipped_mean(ratio[members[b] > 0, j],
-                                                 rerr[members[b] > 0, j], config.cog_clip)[0]
-                          for b in range(nb)])
+        first = np.array([_weighted_clipped_mean(ratio[members[b], j], rerr[members[b], j],
+                                                 config.cog_clip)[0] for b in range(nb)])
         sigma[j] = _intrinsic_scatter(ratio[:, j] - first[block], rerr[:, j],
                                       np.unique(block).size, config.cog_clip)
         tot = np.hypot(rerr[:, j], sigma[j])
         for b in range(nb):
-            sel = members[b] > 0
-            curve[b, j], cerr[b, j], _ = _weighted_clipped_mean(ratio[sel, j], tot[sel],
-                                                                 config.cog_clip)
+            curve[b, j], cerr[b, j], _ = _weighted_clipped_mean(ratio[members[b], j],
+                                                                 tot[members[b]], config.cog_clip)
     for b in range(nb):
         fit_err = np.where(cerr[b] > 0, cerr[b], 1e-4)
         a, bt = _fit_moffat(radii, curve[b], fit_err, radii[si], r_in, r_out)
@@ -723,8 +721,9 @@ def fit_curve_of_growth(phot: Table, *, config: AperPhotConfig = AperPhotConfig(
         corr[b] = curve[b, -1] * extra[b]
         corr_err[b] = math.hypot(cerr[b, -1] * extra[b],
                                  config.cog_extrapolation_error * (extra[b] - 1.0) * curve[b, -1])
-    size = np.sqrt(np.maximum(members.sum(1), 1.0))
-    shared = (members @ members.T) / np.outer(size, size)
+    m = members.astype(float)
+    size = np.sqrt(np.maximum(m.sum(1), 1.0))
+    shared = (m @ m.T) / np.outer(size, size)
     return CurveOfGrowth(radii, config.cog_block_frames, curve, cerr, corr, corr_err, extra,
                          alpha, beta, nst, shared, sigma)
 

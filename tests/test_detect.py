@@ -289,19 +289,39 @@ def test_flux_estimate_against_truth(scans, images, detections):
 # -- blends -------------------------------------------------------------------------------
 
 
+def _noise_frames_with_stars(s, rng, ra, dec, flux, fwhm, *, half_size, spikes=0):
+    """The K scan's frames as pure noise (10 DN per pixel) with Moffat stars (index 2.5,
+    sampled FWHM ``fwhm`` arcsec) of ``flux`` DN at (ra, dec) through the true geometry;
+    the first ``spikes`` stars also throw the simulator's diffraction spikes. Returns the
+    (n, 256, 256) float32 frames and the per-frame noise."""
+    from gpu2mass.kernels import render_point_sources
+
+    from gpu2mass.sim.artifacts import add_spikes
+    from gpu2mass.sim.psf import moffat_alpha, optical_fwhm
+
+    alpha = moffat_alpha(float(optical_fwhm(fwhm)) / 2.0, 2.5)
+    noise = np.full(s.geometry.nframes, 10.0)
+    frames = (rng.normal(size=s.data.shape) * noise[:, None, None]).astype(np.float32)
+    for k in range(s.geometry.nframes):
+        fx, fy = s.geometry.sky_to_pixel(k, ra, dec)
+        on = (fx > -15) & (fx < 270) & (fy > -15) & (fy < 270)
+        if on.any():
+            frames[k] += render_point_sources((256, 256), fx[on], fy[on], flux[on], alpha, 2.5,
+                                              half_size=half_size)
+        for i in np.flatnonzero(on[:spikes]):
+            add_spikes(frames[k], fx[i], fy[i], flux[i], 5.0, "K", rotation_deg=0.0,
+                       sky_sigma=10.0, ids=(0, "K", k), parent_id=0)
+    return frames, noise
+
+
 def _detect_pairs(scans, grids, rng, *, n, sep, dmag, fwhm, f1_log=(3.0, 3.5), config=None):
     """Synthetic pairs rendered into the K frames (true geometry), resampled by run_atlas
     and detected: ``sep`` and ``dmag`` are (low, high) ranges (arcsec, mag fainter), the
     brighter member's flux 10**U(f1_log) DN. Returns the detections, both members'
     positions, the pair centres and, per pair, whether it came out as two detections
     within 1.5" of their stars and how many more detections lie within 8" of its centre."""
-    from gpu2mass.kernels import render_point_sources
-
-    from gpu2mass.sim.psf import moffat_alpha, optical_fwhm
-
     s = scans["K"]
     g = grids[1]
-    alpha = moffat_alpha(float(optical_fwhm(fwhm)) / 2.0, 2.5)
     # Pair centres on a jittered lattice, well inside the image.
     cx = rng.uniform(40, g.nx - 40, n)
     cy = 40 + (np.arange(n) + rng.uniform(0, 0.5, n)) * (g.ny - 80) / n
@@ -312,15 +332,7 @@ def _detect_pairs(scans, grids, rng, *, n, sep, dmag, fwhm, f1_log=(3.0, 3.5), c
     f1 = 10 ** rng.uniform(*f1_log, n)
     f2 = f1 * 10 ** (-0.4 * rng.uniform(*dmag, n))
     ra, dec = g.pixel_to_sky(np.r_[x1, x2], np.r_[y1, y2])
-    flux = np.r_[f1, f2]
-    noise = np.full(s.geometry.nframes, 10.0)
-    frames = (rng.normal(size=s.data.shape) * noise[:, None, None]).astype(np.float32)
-    for k in range(s.geometry.nframes):
-        fx, fy = s.geometry.sky_to_pixel(k, ra, dec)
-        on = (fx > -15) & (fx < 270) & (fy > -15) & (fy < 270)
-        if on.any():
-            frames[k] += render_point_sources((256, 256), fx[on], fy[on], flux[on], alpha, 2.5,
-                                              half_size=12)
+    frames, noise = _noise_frames_with_stars(s, rng, ra, dec, np.r_[f1, f2], fwhm, half_size=12)
     img = run_atlas(frames, mask=s.bad, geometry=s.geometry, noise=noise, grid=g,
                     seeing_arcsec=fwhm, config=AtlasConfig(background_match=False))
     t = run_detect(img, config=config or DetectConfig())
@@ -531,15 +543,9 @@ def test_saturated_star_in_a_bright_wing_search_adds_no_source(scans, grids):
     two false sources 4.3-4.7" from J 6.3 and H 5.0 stars were on ci seed 2); 2 on one
     star when the absorb radius was measured from its peak alone, on the hole's rim 4.2"
     from its centre."""
-    from gpu2mass.kernels import render_point_sources
-
-    from gpu2mass.sim.artifacts import add_spikes
-    from gpu2mass.sim.psf import moffat_alpha, optical_fwhm
-
     s, g = scans["K"], grids[1]
     rng = np.random.default_rng(4)
     n, fwhm = 16, 3.1
-    alpha = moffat_alpha(float(optical_fwhm(fwhm)) / 2.0, 2.5)
     cx = rng.uniform(50, g.nx - 50, n)
     cy = 50 + (np.arange(n) + rng.uniform(0, 0.4, n)) * (g.ny - 100) / n
     sep, ang = rng.uniform(11.0, 16.0, n), rng.uniform(0, np.pi, n)
@@ -547,17 +553,7 @@ def test_saturated_star_in_a_bright_wing_search_adds_no_source(scans, grids):
     xp, yp = cx - 0.5 * sep * np.cos(ang), cy - 0.5 * sep * np.sin(ang)  # wing parent
     flux = np.r_[10 ** rng.uniform(6.8, 7.4, n), 10 ** rng.uniform(4.3, 4.7, n)]
     ra, dec = g.pixel_to_sky(np.r_[xs, xp], np.r_[ys, yp])
-    noise = np.full(s.geometry.nframes, 10.0)
-    frames = (rng.normal(size=s.data.shape) * noise[:, None, None]).astype(np.float32)
-    for k in range(s.geometry.nframes):
-        fx, fy = s.geometry.sky_to_pixel(k, ra, dec)
-        on = (fx > -15) & (fx < 270) & (fy > -15) & (fy < 270)
-        if on.any():
-            frames[k] += render_point_sources((256, 256), fx[on], fy[on], flux[on], alpha, 2.5,
-                                              half_size=20)
-        for i in np.flatnonzero(on[:n]):
-            add_spikes(frames[k], fx[i], fy[i], flux[i], 5.0, "K", rotation_deg=0.0,
-                       sky_sigma=10.0, ids=(0, "K", k), parent_id=0)
+    frames, noise = _noise_frames_with_stars(s, rng, ra, dec, flux, fwhm, half_size=20, spikes=n)
     img = run_atlas(frames, mask=s.bad[None] | (frames > 60000), geometry=s.geometry,
                     noise=noise, grid=g, seeing_arcsec=fwhm,
                     config=AtlasConfig(background_match=False))
